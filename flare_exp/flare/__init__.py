@@ -1,0 +1,31 @@
+"""FLARE: fusion of source (English) and target representations inside LoRA adapters.
+
+Depends on torch, transformers and peft only, so it can be lifted into other training code::
+
+    from flare_exp.flare import FlareConfig, get_flare_model
+    flare = get_flare_model(stage1_model, FlareConfig(fusion="add_relu"))
+    out = flare(input_ids=..., attention_mask=..., labels=...,
+                source_input_ids=..., source_attention_mask=...)
+"""
+
+from .alignment import build_source_index, gather_aligned, last_source_position
+from .config import FlareConfig, resolve_fuse_modules
+from .fusion import FUSIONS
+from .layers import MissingSourceError
+from .model import FlareModel, disable_cpu_bf16_repack, get_flare_model
+
+load_flare_model = FlareModel.from_pretrained
+
+__all__ = [
+    "FUSIONS",
+    "FlareConfig",
+    "FlareModel",
+    "MissingSourceError",
+    "build_source_index",
+    "disable_cpu_bf16_repack",
+    "gather_aligned",
+    "get_flare_model",
+    "last_source_position",
+    "load_flare_model",
+    "resolve_fuse_modules",
+]
