@@ -119,6 +119,21 @@ class FlareLayerMixin:
             raise ValueError("FLARE layers do not support mixed-adapter batches (adapter_names).")
         super()._check_forward_args(x, *args, **kwargs)
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        return self._add_adapters(x, self._base_output(x, *args, **kwargs))
+
+    def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "flare." + nn.Module.__repr__(self)
+
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + the contribution of every active adapter, fused where configured."""
         state = self._flare_state
@@ -152,18 +167,6 @@ class FlareLinear(FlareLayerMixin, LoraLinear):
         LoraLinear.__init__(self, base_layer, adapter_name, config=config, **kwargs)
         self._init_flare()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        return self._add_adapters(x, self.base_layer(x, *args, **kwargs))
-
-    def __repr__(self) -> str:
-        return "flare." + nn.Module.__repr__(self)
-
 
 def custom_module_mapping() -> dict[type, type]:
     """Base layer type -> FLARE layer type, most specific first (Linear4bit is an nn.Linear)."""
@@ -196,17 +199,9 @@ def _linear4bit_class():
                 LoraLinear4bit.__init__(self, base_layer, adapter_name, config=config, **kwargs)
                 self._init_flare()
 
-            def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-                self._check_forward_args(x, *args, **kwargs)
-                kwargs.pop("adapter_names", None)
-                if self.disable_adapters:
-                    return self.base_layer(x, *args, **kwargs)
+            def _base_output(self, x, *args, **kwargs):
                 # bitsandbytes may return a view that backprop cannot modify in place.
-                result = self.base_layer(x, *args, **kwargs).clone()
-                return self._add_adapters(x, result)
-
-            def __repr__(self) -> str:
-                return "flare." + nn.Module.__repr__(self)
+                return self.base_layer(x, *args, **kwargs).clone()
 
         _LINEAR4BIT = (bnb.nn.Linear4bit, FlareLinear4bit)
     return _LINEAR4BIT or None
