@@ -7,11 +7,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DATA_DIR ?= ../shared/data
 
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run test test-slow bench clean
+.PHONY: help install run example nusax-cpu test test-slow bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,8 +27,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the project with its pinned dependencies
 
-run: $(STAMP) ## Run the offline example: FLARE on a tiny model (no downloads)
+run: $(STAMP) ## The offline default main job: MiniLM on the demo task, 4 methods, a table
+	$(OFFLINE) $(PY) run.py experiment=demo
+
+example: $(STAMP) ## Run examples/use_flare.py (FLARE in your own code, tiny model)
 	$(OFFLINE) $(PY) examples/use_flare.py
+
+nusax-cpu: $(STAMP) ## The NusaX CPU study (MiniLM, mt=gold, 3 seeds) on DATA_DIR
+	$(OFFLINE) $(PY) run.py experiment=nusax_cpu data.dir=$(DATA_DIR)
 
 test: $(STAMP) ## Run the test suite (CPU, offline, under 10 minutes)
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)

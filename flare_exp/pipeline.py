@@ -1,0 +1,245 @@
+"""One run: validate the combination, get (or train) stage 1, run the method, write results.
+
+    config -> data (target/English pairs) -> model (base + adapters) -> train -> evaluate -> results.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .data import Batcher, load_examples
+from .flare import FlareConfig, get_flare_model
+from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device
+from .results import (POINTER, git_commit, method_label, run_dir, summary_line, tracker,
+                      write_json_atomic, write_lines_atomic)
+from .train import predict, score, train_model
+
+STAGE2_ADAPTER = "stage2"
+
+
+class ConfigError(ValueError):
+    """A combination of config choices that cannot run."""
+
+
+def _choices(group: str) -> list[str]:
+    folder = Path(__file__).resolve().parent.parent / "conf" / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse, in one sentence, a combination that cannot run, before any model loads."""
+    task, lang, method, model, mt = cfg.task, cfg.lang, cfg.method, cfg.model, cfg.mt
+    if lang.code not in task.languages:
+        raise ConfigError(f"Task {task.name} has no language {lang.code!r}; choose lang from {list(task.languages)}.")
+    if task.type != "classification" and task.name != "tydiqa":
+        raise ConfigError(f"Unknown task type {task.type!r}.")
+    needs_english = method.eval_input == "english" or method.stage2 == "flare"
+    if needs_english and mt.name == "gold" and not task.parallel:
+        raise ConfigError(
+            f"Task {task.name} is not parallel, so method {method.name} needs machine translation: "
+            f"choose mt from {[m for m in _choices('mt') if m != 'gold']}."
+        )
+    if model.kind not in ("encoder", "decoder"):
+        raise ConfigError(f"Model {model.name} of kind {model.kind!r} cannot run yet; choose model from "
+                          f"{_choices('model')}.")
+    hub_model = model.source == "hub" and not model_in_local_cache(model.path)
+    hub_data = not task.local and not cfg.data.dir
+    if (hub_model or hub_data or mt.name != "gold") and not hub_reachable():
+        needs = [f"model {model.path}"] * hub_model + [f"task {task.name} data"] * hub_data
+        needs += [f"translations {mt.name}"] * (mt.name != "gold")
+        raise ConfigError(
+            f"The Hugging Face hub cannot be reached and this run needs it ({', '.join(needs)}): "
+            "run the offline demo with `python run.py experiment=demo` (make run), or point "
+            "data.dir at a local data directory and use an offline model (minilm, smollm2-135m)."
+        )
+    if task.name == "tydiqa":
+        raise ConfigError("TyDiQA is not available in this version yet; choose task from "
+                          f"{[t for t in _choices('task') if t != 'tydiqa']}.")
+    if mt.name != "gold":
+        raise ConfigError(f"Machine translation (mt={mt.name}) is not available in this version yet; "
+                          "use mt=gold on a parallel task.")
+
+
+# -- data ----------------------------------------------------------------------------------
+def _examples(cfg: DictConfig, lang: str, split: str) -> list[dict]:
+    rows = load_examples(cfg.task.name, lang, split, cfg.data.dir)
+    cap = cfg.data.max_train if split == "train" else cfg.data.max_test if split == "test" else None
+    return rows[: int(cap)] if cap else rows
+
+
+def _paired(cfg: DictConfig, lang: str, split: str) -> tuple[list[dict], list[dict]]:
+    """Target examples and their English versions (parallel data, ``mt=gold``)."""
+    target, english = _examples(cfg, lang, split), _examples(cfg, "en", split)
+    if len(target) != len(english) or any(t["label"] != e["label"] for t, e in zip(target, english)):
+        raise ConfigError(f"{cfg.task.name} {split} data in {lang} is not parallel to the English data.")
+    return target, english
+
+
+# -- stage 1 -------------------------------------------------------------------------------
+def stage1_key(cfg: DictConfig) -> str:
+    identity = {
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "train": OmegaConf.to_container(cfg.train, resolve=True),
+        "seed": cfg.seed,
+        "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "max_train": cfg.data.max_train},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage1_dir(cfg: DictConfig) -> Path:
+    return (Path(cfg.output_dir) / "stage1" / cfg.task.name / cfg.model.name
+            / f"seed{cfg.seed}-{stage1_key(cfg)}")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lora_config(cfg: DictConfig, modules_to_save=None) -> LoraConfig:
+    targets = cfg.model.lora_targets
+    return LoraConfig(r=cfg.train.r, lora_alpha=cfg.train.alpha, lora_dropout=cfg.train.dropout,
+                      target_modules=targets if isinstance(targets, str) else list(targets),
+                      modules_to_save=modules_to_save)
+
+
+def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
+    """The stage-1 adapter directory, trained now unless cached.
+
+    Concurrent jobs wait on a file lock, so exactly one trains; the adapter is written to a
+    staging folder and renamed into place, so no reader sees half of it.
+    """
+    final = stage1_dir(cfg)
+    with _file_lock(final.with_name(final.name + ".lock")):
+        if (final / "stage1.json").is_file():
+            return final
+        print(f"Training stage 1 -> {final}", flush=True)
+        english_train = _examples(cfg, "en", "train")
+        base = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), device, Path(cfg.output_dir) / "cache",
+                               cfg.seed)
+        head = ["classifier"] if cfg.model.kind == "encoder" else None
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(base, _lora_config(cfg, head))
+        stats = train_model(model, batcher, english_train, None, cfg.train, cfg.seed, device,
+                            desc=f"stage 1 {cfg.task.name} en")
+        english_test = _examples(cfg, "en", "test")
+        rows = predict(model, batcher, english_test, None, cfg.train.eval_batch_size, device,
+                       cfg.train.max_new_tokens, desc="stage 1 English test")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+        model.save_pretrained(staging)  # safetensors
+        write_json_atomic(staging / "stage1.json", {"train": stats, "english_test": score(rows, batcher.labels),
+                                                    "key": stage1_key(cfg)})
+        if final.exists():  # a broken earlier attempt: no stage1.json inside
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+
+
+def load_stage1(cfg: DictConfig, path: Path, tokenizer, device) -> PeftModel:
+    base = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), device, Path(cfg.output_dir) / "cache",
+                           cfg.seed)
+    model = PeftModel.from_pretrained(base, path)  # loads adapter_model.safetensors
+    model.eval()
+    return model
+
+
+def build_stage2(cfg: DictConfig, stage1: PeftModel):
+    """A fresh stage-2 adapter on the stage-1 model: plain LoRA or FLARE."""
+    torch.manual_seed(cfg.seed)
+    method = cfg.method
+    if method.stage2 == "flare":
+        targets = cfg.model.lora_targets
+        config = FlareConfig(
+            r=cfg.train.r, alpha=cfg.train.alpha, dropout=cfg.train.dropout,
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            fuse_modules=cfg.model.fuse_modules, fusion=method.fusion, heads=method.heads,
+            alignment=method.alignment, mask_source_padding=method.mask_source_padding,
+        )
+        return get_flare_model(stage1, config)
+    if cfg.model.quantization == "nf4":
+        # Merging would re-quantise 4-bit weights: keep stage 1 as a frozen adapter.
+        stage1.add_adapter(STAGE2_ADAPTER, _lora_config(cfg))
+        stage1.base_model.set_adapter([STAGE2_ADAPTER, stage1.active_adapter])
+        for name, param in stage1.named_parameters():
+            param.requires_grad_(f".{STAGE2_ADAPTER}." in name)
+        return stage1
+    return get_peft_model(stage1.merge_and_unload(), _lora_config(cfg))
+
+
+# -- one run -------------------------------------------------------------------------------
+def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
+    """Run one (task, model, method, lang, seed) and return its results record."""
+    validate(cfg)
+    out = run_dir(cfg)
+    results_path = out / "results.json"
+    if job_dir is not None:
+        write_json_atomic(job_dir / POINTER, {"results": str(results_path)})
+    if results_path.is_file() and not cfg.force:
+        result = json.loads(results_path.read_text())
+        print(f"[skipped: finished earlier, force=true reruns it] {summary_line(result)}")
+        return result
+
+    started = time.perf_counter()
+    device = pick_device(cfg.device)
+    cache = Path(cfg.output_dir) / "cache"
+    tokenizer = load_tokenizer(cfg.model, cache)
+    method = cfg.method
+    batcher = Batcher(tokenizer, cfg.task, cfg.model.kind, cfg.task.max_length,
+                      alignment=method.get("alignment", "position"),
+                      mask_source_padding=method.get("mask_source_padding", True))
+    stage1_path = ensure_stage1(cfg, tokenizer, batcher, device)
+    stage1_info = json.loads((stage1_path / "stage1.json").read_text())
+    model = load_stage1(cfg, stage1_path, tokenizer, device)
+    uses_source = method.stage2 == "flare"
+    train_stats = None
+    with tracker(cfg, out) as wandb_run:
+        if method.stage2 != "none":
+            targets, english = _paired(cfg, cfg.lang.code, "train")
+            model = build_stage2(cfg, model)
+            train_stats = train_model(model, batcher, targets, english if uses_source else None, cfg.train,
+                                      cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}")
+        test, english_test = _paired(cfg, cfg.lang.code, "test")
+        inputs = english_test if method.eval_input == "english" else test
+        rows = predict(model, batcher, inputs, english_test if uses_source else None, cfg.train.eval_batch_size,
+                       device, cfg.train.max_new_tokens, desc=f"test {method_label(method)} {cfg.lang.code}")
+        for row, target in zip(rows, test):
+            row["id"] = target["id"]
+        metrics = score(rows, batcher.labels)
+        result = {
+            "task": cfg.task.name, "model": cfg.model.name, "mt": cfg.mt.name, "method": method_label(method),
+            "lang": cfg.lang.code, "seed": cfg.seed, "experiment": cfg.experiment_name,
+            "metrics": metrics, "headline_metric": cfg.task.metric,
+            "stage1": {"dir": str(stage1_path), "train": stage1_info["train"]},
+            "stage1_english": stage1_info["english_test"],
+            "stage2_train": train_stats,
+            "timing": {"run_seconds": time.perf_counter() - started, "device": str(device)},
+            "git_commit": git_commit(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_lines_atomic(out / "predictions.jsonl", rows)
+        write_json_atomic(results_path, result)  # last: its presence marks the run finished
+        if wandb_run is not None:
+            wandb_run.log({f"test/{k}": v for k, v in metrics.items()})
+    print(summary_line(result))
+    return result

@@ -1,0 +1,143 @@
+"""Run directories, results.json, sweep summaries and the W&B mirror.
+
+``results.json`` in a deterministic run directory is the source of truth for tables; a run whose
+results.json exists is skipped unless ``force=true``. W&B only mirrors it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+POINTER = "run.json"  # written into Hydra's job folder: where this job's results went
+METHOD_DEFAULTS = {"fusion": "add_relu", "alignment": "position", "mask_source_padding": True, "heads": 1}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as out:
+        json.dump(data, out, indent=2, sort_keys=True, default=str)
+        out.write("\n")
+    os.replace(staging, path)
+
+
+def write_lines_atomic(path: Path, rows: list[dict]) -> None:
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(staging, path)
+
+
+def method_label(method_cfg: DictConfig) -> str:
+    """The method's name plus what differs from its defaults (``flare-mul-proportional``)."""
+    parts = [method_cfg.name]
+    if method_cfg.stage2 == "flare":
+        if method_cfg.fusion != METHOD_DEFAULTS["fusion"]:
+            parts.append(method_cfg.fusion)
+        if method_cfg.fusion == "cross_attention" and method_cfg.heads != 1:
+            parts.append(f"h{method_cfg.heads}")
+        if method_cfg.alignment != METHOD_DEFAULTS["alignment"]:
+            parts.append(method_cfg.alignment)
+        if not method_cfg.mask_source_padding:
+            parts.append("unmasked")
+    return "-".join(parts)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return (Path(cfg.output_dir) / "runs" / cfg.task.name / cfg.model.name / cfg.mt.name
+            / method_label(cfg.method) / cfg.lang.code / f"seed{cfg.seed}")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def summary_line(result: dict) -> str:
+    metrics = result["metrics"]
+    return (f"{result['task']} {result['model']} {result['method']} {result['lang']} seed{result['seed']}: "
+            f"accuracy {100 * metrics['accuracy']:.2f}, macro-F1 {100 * metrics['macro_f1']:.2f} "
+            f"(n={metrics['n']}, invalid={metrics['invalid']})")
+
+
+@contextmanager
+def tracker(cfg: DictConfig, directory: Path):
+    """A W&B run mirroring this run (``tracking.mode``), always closed, even on failure."""
+    if cfg.tracking.mode == "disabled":
+        yield None
+        return
+    import wandb
+
+    directory.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=cfg.tracking.project, entity=cfg.tracking.entity, mode=cfg.tracking.mode,
+        dir=str(directory), group=cfg.experiment_name or f"{cfg.task.name}-{cfg.model.name}",
+        name=f"{method_label(cfg.method)}-{cfg.lang.code}-seed{cfg.seed}",
+        tags=[cfg.method.name, cfg.lang.code, f"seed{cfg.seed}", cfg.task.name, cfg.model.name],
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    try:
+        yield run
+    finally:
+        run.finish()
+
+
+def load_results(paths) -> "pandas.DataFrame":  # noqa: F821
+    import pandas as pd
+
+    rows = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        row = {k: result[k] for k in ("task", "model", "mt", "method", "lang", "seed")}
+        row.update({k: v for k, v in result["metrics"].items()})
+        row["english_accuracy"] = result.get("stage1_english", {}).get("accuracy")
+        row["run_dir"] = str(Path(path).parent)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_table(frame, metric: str) -> str:
+    """Methods x languages (mean over seeds), in percent, as a small text table."""
+    pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
+    order = ["zero_shot", "translate_test", "lora", "flare"]
+    pivot = pivot.reindex(sorted(pivot.index, key=lambda m: (order.index(m) if m in order else 99, m)))
+    english = frame["english_accuracy"].dropna()
+    lines = [pivot.round(2).to_string()]
+    if metric == "accuracy" and len(english):
+        lines.append(f"English test accuracy of the stage-1 model: {100 * english.mean():.2f}")
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """After a multirun: one CSV of every job's results and a methods x languages table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        pointers = sorted(sweep.glob(f"*/{POINTER}"))
+        results = [json.loads(p.read_text())["results"] for p in pointers]
+        results = [r for r in results if r and Path(r).is_file()]
+        failed = len(list(sweep.glob("*/FAILED")))
+        if not results:
+            print(f"No finished runs in {sweep}.")
+            return
+        frame = load_results(results)
+        csv_path = sweep / "summary.csv"
+        frame.to_csv(csv_path, index=False)
+        metric = config.task.metric if config.task.metric in frame else "accuracy"
+        print(f"\n{metric} (%) — {len(frame)} runs{f', {failed} failed' if failed else ''}; all results: {csv_path}")
+        print(format_table(frame, metric))

