@@ -136,3 +136,16 @@ def test_concurrent_jobs_train_stage1_once(tmp_path):
     assert trained == 1, outputs
     stage1 = [p for p in (tmp_path / "stage1/demo/tiny-bert").iterdir() if not p.name.endswith(".lock")]
     assert len(stage1) == 1 and (stage1[0] / "adapter_model.safetensors").is_file()
+
+
+def test_task_model_specialisation_applies_to_its_pair_only():
+    assert make_cfg(["task=xnli", "model=smollm2-135m"]).task.max_length == 192
+    assert make_cfg(["task=xnli", "model=minilm"]).task.max_length == 128
+
+
+def test_wandb_offline_run_is_written_inside_the_run_directory(tmp_path):
+    cfg = make_cfg(["model=tiny-bert", "lang=dma", "method=zero_shot", "tracking=offline", *SMALL], tmp_path)
+    result = run(cfg)
+    run_path = tmp_path / "runs/demo/tiny-bert/gold/zero_shot/dma/seed100"
+    assert list(run_path.glob("wandb/offline-run-*")), "no offline W&B run in the run directory"
+    assert json.loads((run_path / "results.json").read_text())["metrics"] == result["metrics"]
