@@ -41,3 +41,52 @@ def classification_metrics(gold, predicted, labels) -> dict:
         "n": len(gold),
         "invalid": sum(p is INVALID for p in predicted),
     }
+
+
+# -- SQuAD v1.1 exact match and F1 -------------------------------------------------------------
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = None
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, no punctuation, no English articles, single spaces."""
+    global _PUNCTUATION
+    if _PUNCTUATION is None:
+        import string
+
+        _PUNCTUATION = set(string.punctuation)
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    from collections import Counter
+
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = Counter(predicted) & Counter(expected)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(predictions: list[str | None], answers: list[list[str]]) -> dict:
+    """SQuAD v1.1 exact match and F1 (max over the gold answers of each question), in [0, 1].
+    A missing prediction (None) scores 0 and is counted as invalid."""
+    if not answers:
+        raise ValueError("No questions to score.")
+    em = f1 = 0.0
+    for prediction, golds in zip(predictions, answers, strict=True):
+        if prediction is None:
+            continue
+        em += max(exact_match(prediction, g) for g in golds)
+        f1 += max(token_f1(prediction, g) for g in golds)
+    return {"exact_match": em / len(answers), "f1": f1 / len(answers), "n": len(answers),
+            "invalid": sum(p is None for p in predictions)}

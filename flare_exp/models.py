@@ -109,15 +109,16 @@ def _package_model_dir(model_cfg: DictConfig, cache_dir: Path) -> Path:
 
 
 def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None, pad_id: int):
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, LlamaConfig,
+                              LlamaForCausalLM)
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if model_cfg.architecture == "bert":
             config = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4, pad_token_id=pad_id,
-                                num_labels=len(labels))
-            return BertForSequenceClassification(config)
+                                num_labels=len(labels) if labels else 2, max_position_embeddings=512)
+            return BertForSequenceClassification(config) if labels else BertForQuestionAnswering(config)
         if model_cfg.architecture == "llama":
             config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -129,11 +130,12 @@ def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None
 def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.device, cache_dir: Path, seed: int):
     """The base model (no adapters), frozen, on ``device``.
 
-    Encoders get a sequence-classification head with ``labels`` (initialised from ``seed``);
-    decoders are causal LMs. ``quantization: nf4`` loads 4-bit NF4 weights with the configured
+    Encoders get a sequence-classification head with ``labels`` (initialised from ``seed``), or
+    a span (question answering) head where ``labels`` is None; decoders are causal LMs. ``quantization: nf4`` loads 4-bit NF4 weights with the configured
     compute dtype.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                              AutoModelForSequenceClassification, BitsAndBytesConfig)
 
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.source == "tiny":
@@ -151,7 +153,9 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
             raise ValueError(f"Unknown quantization {model_cfg.quantization!r} (none or nf4).")
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the fresh classification head
-            if model_cfg.kind == "encoder":
+            if model_cfg.kind == "encoder" and not labels:
+                model = AutoModelForQuestionAnswering.from_pretrained(source, **kwargs)
+            elif model_cfg.kind == "encoder":
                 kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                               label2id={l: i for i, l in enumerate(labels)})
                 model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)

@@ -19,11 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from .data import Batcher, load_examples
+from .data.qa import SpanBatcher
 from .flare import FlareConfig, get_flare_model
 from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device
 from .results import (POINTER, git_commit, method_label, run_dir, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
 from .train import predict, score, train_model
+from .translate import (FakeTranslator, NLLBTranslator, cache_file, nllb_code, project_qa, translate_examples,
+                        translation_quality)
 
 STAGE2_ADAPTER = "stage2"
 
@@ -42,10 +45,10 @@ def validate(cfg: DictConfig) -> None:
     task, lang, method, model, mt = cfg.task, cfg.lang, cfg.method, cfg.model, cfg.mt
     if lang.code not in task.languages:
         raise ConfigError(f"Task {task.name} has no language {lang.code!r}; choose lang from {list(task.languages)}.")
-    if task.type != "classification" and task.name != "tydiqa":
-        raise ConfigError(f"Unknown task type {task.type!r}.")
+    if task.type not in ("classification", "qa"):
+        raise ConfigError(f"Unknown task type {task.type!r} (classification or qa).")
     needs_english = method.eval_input == "english" or method.stage2 == "flare"
-    if needs_english and mt.name == "gold" and not task.parallel:
+    if mt.name == "gold" and not task.parallel and (needs_english or method.stage2 != "none"):
         raise ConfigError(
             f"Task {task.name} is not parallel, so method {method.name} needs machine translation: "
             f"choose mt from {[m for m in _choices('mt') if m != 'gold']}."
@@ -55,20 +58,16 @@ def validate(cfg: DictConfig) -> None:
                           f"{_choices('model')}.")
     hub_model = model.source == "hub" and not model_in_local_cache(model.path)
     hub_data = not task.local and not cfg.data.dir
-    if (hub_model or hub_data or mt.name != "gold") and not hub_reachable():
+    hub_mt = bool(mt.get("model")) and not model_in_local_cache(mt.model)
+    if (hub_model or hub_data or hub_mt) and not hub_reachable():
         needs = [f"model {model.path}"] * hub_model + [f"task {task.name} data"] * hub_data
-        needs += [f"translations {mt.name}"] * (mt.name != "gold")
+        needs += [f"MT model {mt.get('model')}"] * hub_mt
         raise ConfigError(
             f"The Hugging Face hub cannot be reached and this run needs it ({', '.join(needs)}): "
             "run the offline demo with `python run.py experiment=demo` (make run), or point "
-            "data.dir at a local data directory and use an offline model (minilm, smollm2-135m)."
+            "data.dir at a local data directory and use an offline model (minilm, smollm2-135m) "
+            "with mt=gold."
         )
-    if task.name == "tydiqa":
-        raise ConfigError("TyDiQA is not available in this version yet; choose task from "
-                          f"{[t for t in _choices('task') if t != 'tydiqa']}.")
-    if mt.name != "gold":
-        raise ConfigError(f"Machine translation (mt={mt.name}) is not available in this version yet; "
-                          "use mt=gold on a parallel task.")
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -79,11 +78,99 @@ def _examples(cfg: DictConfig, lang: str, split: str) -> list[dict]:
 
 
 def _paired(cfg: DictConfig, lang: str, split: str) -> tuple[list[dict], list[dict]]:
-    """Target examples and their English versions (parallel data, ``mt=gold``)."""
+    """Target examples and their human English versions (parallel data, ``mt=gold``)."""
     target, english = _examples(cfg, lang, split), _examples(cfg, "en", split)
     if len(target) != len(english) or any(t["label"] != e["label"] for t, e in zip(target, english)):
         raise ConfigError(f"{cfg.task.name} {split} data in {lang} is not parallel to the English data.")
     return target, english
+
+
+class LazyTranslator:
+    """The configured MT system, loaded only when the cache lacks a translation."""
+
+    def __init__(self, cfg: DictConfig, device):
+        self.cfg, self.device, self._impl = cfg, device, None
+        mt = cfg.mt
+        self.name = mt.name if mt.name == "fake" else f"{mt.name}-beams{mt.beams}-len{mt.max_length}"
+
+    def translate(self, texts, src, tgt):
+        if self._impl is None:
+            mt = self.cfg.mt
+            self._impl = FakeTranslator() if mt.name == "fake" else NLLBTranslator(
+                mt.model, beams=mt.beams, max_length=mt.max_length, batch_size=mt.batch_size, device=self.device)
+        return self._impl.translate(texts, src, tgt)
+
+
+def _cache(cfg: DictConfig, split: str, direction: str, translator) -> Path:
+    return cache_file(Path(cfg.output_dir) / "translations", cfg.task.name, split, direction, cfg.lang.code,
+                      translator.name)
+
+
+def training_pairs(cfg: DictConfig, translator) -> tuple[list[dict], list[dict], dict]:
+    """Stage-2 training data: target-language examples and their English versions.
+
+    ``mt=gold``: the human target side of a parallel dataset. Otherwise translate-train: the
+    English training set translated into the target language (QA answers carried through the
+    translation by markers; examples whose markers are lost or duplicated are dropped).
+    """
+    if cfg.mt.name == "gold":
+        targets, english = _paired(cfg, cfg.lang.code, "train")
+        return targets, english, {}
+    english = _examples(cfg, "en", "train")
+    src, tgt = "eng_Latn", nllb_code(cfg.lang)
+    path = _cache(cfg, "train", "en-x", translator)
+    if cfg.task.type == "qa":
+        targets, counts = project_qa(english, translator, src, tgt, path, cfg.mt.batch_size,
+                                     desc=f"translate-train en->{cfg.lang.code}")
+        by_id = {ex["id"]: ex for ex in english}
+        return targets, [by_id[t["id"]] for t in targets], {"answer_projection": counts}
+    fields = list(cfg.task.fields)
+    translated = translate_examples(english, fields, src, tgt, translator, path, cfg.mt.batch_size,
+                                    desc=f"translate-train en->{cfg.lang.code}")
+    return [{**ex, **t} for ex, t in zip(english, translated)], english, {}
+
+
+def test_pairs(cfg: DictConfig, translator) -> tuple[list[dict], list[dict]]:
+    """The target test set and its English version: human (``mt=gold``) or translate-test."""
+    if cfg.mt.name == "gold":
+        return _paired(cfg, cfg.lang.code, "test")
+    test = _examples(cfg, cfg.lang.code, "test")
+    translated = translate_examples(test, list(cfg.task.fields), nllb_code(cfg.lang), "eng_Latn", translator,
+                                    _cache(cfg, "test", "x-en", translator), cfg.mt.batch_size,
+                                    desc=f"translate-test {cfg.lang.code}->en")
+    return test, [{**ex, **t} for ex, t in zip(test, translated)]
+
+
+def translate_stage(cfg: DictConfig) -> dict:
+    """``stage=translate``: fill the translation cache of (task, lang) and report on it."""
+    if cfg.mt.name == "gold":
+        raise ConfigError("stage=translate needs an MT system: choose mt from "
+                          f"{[m for m in _choices('mt') if m != 'gold']}.")
+    translator = LazyTranslator(cfg, pick_device(cfg.device))
+    started = time.perf_counter()
+    targets, _, info = training_pairs(cfg, translator)
+    test, english_test = test_pairs(cfg, translator)
+    report = {"task": cfg.task.name, "lang": cfg.lang.code, "mt": translator.name,
+              "train_examples": len(targets), "test_examples": len(test),
+              "seconds": time.perf_counter() - started, **info}
+    if cfg.task.parallel:  # the human English exists: how good is the MT?
+        gold = _examples(cfg, "en", "test")
+        report["quality_to_english"] = {
+            f: translation_quality([e[f] for e in english_test], [g[f] for g in gold]) for f in cfg.task.fields
+        }
+    path = Path(cfg.output_dir) / "translations" / cfg.task.name / f"report-{cfg.lang.code}-{translator.name}.json"
+    write_json_atomic(path, report)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def make_batcher(cfg: DictConfig, tokenizer):
+    method = cfg.method
+    if cfg.task.type == "qa" and cfg.model.kind == "encoder":
+        return SpanBatcher(tokenizer, cfg.task.max_length, stride=cfg.task.get("stride", 128))
+    return Batcher(tokenizer, cfg.task, cfg.model.kind, cfg.task.max_length,
+                   alignment=method.get("alignment", "position"),
+                   mask_source_padding=method.get("mask_source_padding", True))
 
 
 # -- stage 1 -------------------------------------------------------------------------------
@@ -133,20 +220,21 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
             return final
         print(f"Training stage 1 -> {final}", flush=True)
         english_train = _examples(cfg, "en", "train")
-        base = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), device, Path(cfg.output_dir) / "cache",
-                               cfg.seed)
-        head = ["classifier"] if cfg.model.kind == "encoder" else None
+        base = _load_base(cfg, tokenizer, device)
+        head = None
+        if cfg.model.kind == "encoder":
+            head = ["qa_outputs"] if cfg.task.type == "qa" else ["classifier"]
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base, _lora_config(cfg, head))
         stats = train_model(model, batcher, english_train, None, cfg.train, cfg.seed, device,
                             desc=f"stage 1 {cfg.task.name} en")
         english_test = _examples(cfg, "en", "test")
         rows = predict(model, batcher, english_test, None, cfg.train.eval_batch_size, device,
-                       cfg.train.max_new_tokens, desc="stage 1 English test")
+                       cfg.task.max_new_tokens, desc="stage 1 English test")
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
         model.save_pretrained(staging)  # safetensors
-        write_json_atomic(staging / "stage1.json", {"train": stats, "english_test": score(rows, batcher.labels),
+        write_json_atomic(staging / "stage1.json", {"train": stats, "english_test": score(rows, batcher),
                                                     "key": stage1_key(cfg)})
         if final.exists():  # a broken earlier attempt: no stage1.json inside
             shutil.rmtree(final)
@@ -154,9 +242,13 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
         return final
 
 
+def _load_base(cfg: DictConfig, tokenizer, device):
+    labels = list(cfg.task.labels) if cfg.task.labels else None
+    return load_base_model(cfg.model, tokenizer, labels, device, Path(cfg.output_dir) / "cache", cfg.seed)
+
+
 def load_stage1(cfg: DictConfig, path: Path, tokenizer, device) -> PeftModel:
-    base = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), device, Path(cfg.output_dir) / "cache",
-                           cfg.seed)
+    base = _load_base(cfg, tokenizer, device)
     model = PeftModel.from_pretrained(base, path)  # loads adapter_model.safetensors
     model.eval()
     return model
@@ -185,10 +277,23 @@ def build_stage2(cfg: DictConfig, stage1: PeftModel):
     return get_peft_model(stage1.merge_and_unload(), _lora_config(cfg))
 
 
+def _back_translate_answers(cfg: DictConfig, rows: list[dict], translator, out: Path) -> None:
+    """Translate-test QA answers are English spans: translate them into the target language,
+    which the gold answers are in (the English answer stays in ``output``)."""
+    answers = [{"id": r["id"], "answer": r["prediction"] or ""} for r in rows]
+    translated = translate_examples(answers, ["answer"], "eng_Latn", nllb_code(cfg.lang), translator,
+                                    out / "answers-en-x" / f"{translator.name}.jsonl", cfg.mt.batch_size,
+                                    desc="translate answers back")
+    for row, fields in zip(rows, translated):
+        row["output"], row["prediction"] = row["prediction"], fields["answer"]
+
+
 # -- one run -------------------------------------------------------------------------------
 def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     """Run one (task, model, method, lang, seed) and return its results record."""
     validate(cfg)
+    if cfg.stage == "translate":
+        return translate_stage(cfg)
     out = run_dir(cfg)
     results_path = out / "results.json"
     if job_dir is not None:
@@ -203,34 +308,35 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     cache = Path(cfg.output_dir) / "cache"
     tokenizer = load_tokenizer(cfg.model, cache)
     method = cfg.method
-    batcher = Batcher(tokenizer, cfg.task, cfg.model.kind, cfg.task.max_length,
-                      alignment=method.get("alignment", "position"),
-                      mask_source_padding=method.get("mask_source_padding", True))
+    batcher = make_batcher(cfg, tokenizer)
+    translator = LazyTranslator(cfg, device) if cfg.mt.name != "gold" else None
     stage1_path = ensure_stage1(cfg, tokenizer, batcher, device)
     stage1_info = json.loads((stage1_path / "stage1.json").read_text())
     model = load_stage1(cfg, stage1_path, tokenizer, device)
     uses_source = method.stage2 == "flare"
-    train_stats = None
+    train_stats, data_info = None, {}
     with tracker(cfg, out) as wandb_run:
         if method.stage2 != "none":
-            targets, english = _paired(cfg, cfg.lang.code, "train")
+            targets, english, data_info = training_pairs(cfg, translator)
             model = build_stage2(cfg, model)
             train_stats = train_model(model, batcher, targets, english if uses_source else None, cfg.train,
                                       cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}")
-        test, english_test = _paired(cfg, cfg.lang.code, "test")
+        test, english_test = test_pairs(cfg, translator)
         inputs = english_test if method.eval_input == "english" else test
         rows = predict(model, batcher, inputs, english_test if uses_source else None, cfg.train.eval_batch_size,
-                       device, cfg.train.max_new_tokens, desc=f"test {method_label(method)} {cfg.lang.code}")
+                       device, cfg.task.max_new_tokens, desc=f"test {method_label(method)} {cfg.lang.code}")
         for row, target in zip(rows, test):
             row["id"] = target["id"]
-        metrics = score(rows, batcher.labels)
+        if batcher.qa and method.eval_input == "english" and translator is not None:
+            _back_translate_answers(cfg, rows, translator, out)
+        metrics = score(rows, batcher)
         result = {
             "task": cfg.task.name, "model": cfg.model.name, "mt": cfg.mt.name, "method": method_label(method),
             "lang": cfg.lang.code, "seed": cfg.seed, "experiment": cfg.experiment_name,
             "metrics": metrics, "headline_metric": cfg.task.metric,
             "stage1": {"dir": str(stage1_path), "train": stage1_info["train"]},
             "stage1_english": stage1_info["english_test"],
-            "stage2_train": train_stats,
+            "stage2_train": train_stats, "data": data_info,
             "timing": {"run_seconds": time.perf_counter() - started, "device": str(device)},
             "git_commit": git_commit(),
             "config": OmegaConf.to_container(cfg, resolve=True),

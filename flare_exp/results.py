@@ -70,9 +70,9 @@ def git_commit() -> str | None:
 
 def summary_line(result: dict) -> str:
     metrics = result["metrics"]
+    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k not in ("n", "invalid"))
     return (f"{result['task']} {result['model']} {result['method']} {result['lang']} seed{result['seed']}: "
-            f"accuracy {100 * metrics['accuracy']:.2f}, macro-F1 {100 * metrics['macro_f1']:.2f} "
-            f"(n={metrics['n']}, invalid={metrics['invalid']})")
+            f"{scores} (n={metrics['n']}, invalid={metrics['invalid']})")
 
 
 @contextmanager
@@ -105,7 +105,7 @@ def load_results(paths) -> "pandas.DataFrame":  # noqa: F821
         result = json.loads(Path(path).read_text())
         row = {k: result[k] for k in ("task", "model", "mt", "method", "lang", "seed")}
         row.update({k: v for k, v in result["metrics"].items()})
-        row["english_accuracy"] = result.get("stage1_english", {}).get("accuracy")
+        row["english_score"] = result.get("stage1_english", {}).get(result.get("headline_metric", "accuracy"))
         row["run_dir"] = str(Path(path).parent)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -116,10 +116,10 @@ def format_table(frame, metric: str) -> str:
     pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
     order = ["zero_shot", "translate_test", "lora", "flare"]
     pivot = pivot.reindex(sorted(pivot.index, key=lambda m: (order.index(m) if m in order else 99, m)))
-    english = frame["english_accuracy"].dropna()
+    english = frame["english_score"].dropna()
     lines = [pivot.round(2).to_string()]
-    if metric == "accuracy" and len(english):
-        lines.append(f"English test accuracy of the stage-1 model: {100 * english.mean():.2f}")
+    if len(english):
+        lines.append(f"English test {metric} of the stage-1 model: {100 * english.mean():.2f}")
     return "\n".join(lines)
 
 

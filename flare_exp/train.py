@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .metrics import classification_metrics, parse_label
+from .metrics import classification_metrics, parse_label, qa_metrics
 
 
 def _to(batch: dict, device) -> dict:
@@ -77,32 +77,49 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
             "train_seconds": time.perf_counter() - start}
 
 
+def _first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()
+
+
 @torch.no_grad()
 def predict(model, batcher, examples: list[dict], english: list[dict] | None, eval_batch_size: int,
             device, max_new_tokens: int, desc: str) -> list[dict]:
-    """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples``."""
+    """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples``: a label (None
+    where a generated output names none) or an answer string."""
     model.eval()
-    labels = batcher.labels
     rows = []
     for start in tqdm(range(0, len(examples), eval_batch_size), desc=desc, unit="batch", dynamic_ncols=True):
         chunk = examples[start:start + eval_batch_size]
         source = english[start:start + eval_batch_size] if english is not None else None
-        batch = _to(batcher(chunk, source, train=False), device)
-        if batcher.kind == "encoder":
+        batch = batcher(chunk, source, train=False)
+        if batcher.kind == "encoder" and batcher.qa:
+            spans = {k: batch.pop(k) for k in ("_rows", "_offsets", "_sequence_ids")}
+            out = model(**_to(batch, device))
+            outputs = batcher.best_spans(chunk, spans["_rows"], spans["_offsets"], spans["_sequence_ids"],
+                                         out.start_logits.float().cpu(), out.end_logits.float().cpu())
+            predictions = outputs
+        elif batcher.kind == "encoder":
             batch.pop("labels")
-            logits = model(**batch).logits
-            outputs = [labels[i] for i in logits.argmax(-1).tolist()]
+            logits = model(**_to(batch, device)).logits
+            outputs = [batcher.labels[i] for i in logits.argmax(-1).tolist()]
             predictions = outputs
         else:
+            batch = _to(batch, device)
             prompt_len = batch["input_ids"].shape[1]
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=batcher.tokenizer.pad_token_id)
             outputs = batcher.tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
-            predictions = [parse_label(o, labels) for o in outputs]
+            if batcher.qa:
+                predictions = [_first_line(o) for o in outputs]
+            else:
+                predictions = [parse_label(o, batcher.labels) for o in outputs]
         for ex, output, prediction in zip(chunk, outputs, predictions):
-            rows.append({"id": ex["id"], "gold": ex["label"], "prediction": prediction, "output": output})
+            gold = [a["text"] for a in ex["answers"]] if batcher.qa else ex["label"]
+            rows.append({"id": ex["id"], "gold": gold, "prediction": prediction, "output": output})
     return rows
 
 
-def score(rows: list[dict], labels: list[str]) -> dict:
-    return classification_metrics([r["gold"] for r in rows], [r["prediction"] for r in rows], labels)
+def score(rows: list[dict], batcher) -> dict:
+    if batcher.qa:
+        return qa_metrics([r["prediction"] for r in rows], [r["gold"] for r in rows])
+    return classification_metrics([r["gold"] for r in rows], [r["prediction"] for r in rows], batcher.labels)

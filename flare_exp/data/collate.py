@@ -21,10 +21,11 @@ class Batcher:
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, alignment: str = "position",
                  mask_source_padding: bool = True):
         if kind not in ("encoder", "decoder"):
-            raise ValueError(f"Unknown model kind {kind!r} for classification (encoder or decoder).")
+            raise ValueError(f"Unknown model kind {kind!r} (encoder or decoder).")
         self.tokenizer = tokenizer
         self.fields = list(task_cfg.fields)
-        self.labels = list(task_cfg.labels)
+        self.qa = task_cfg.type == "qa"
+        self.labels = None if self.qa else list(task_cfg.labels)
         self.prompt = task_cfg.prompt
         self.kind = kind
         self.max_length = max_length
@@ -34,20 +35,32 @@ class Batcher:
     # -- encoders --------------------------------------------------------------------------
     def _encode_pairs(self, examples):
         columns = [[ex[f] for ex in examples] for f in self.fields]
-        encoded = self.tokenizer(*columns, truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="pt")
-        return encoded["input_ids"], encoded["attention_mask"]
+        return self.tokenizer(*columns, truncation=True, max_length=self.max_length,
+                              padding=True, return_tensors="pt")
 
     # -- decoders --------------------------------------------------------------------------
     def _prompt_ids(self, example, budget: int) -> list[int]:
+        """BOS + the formatted prompt; a prompt over ``budget`` tokens loses the end of its first
+        field (the text, or the QA context), never the question or the "Label: " cue."""
         tok = self.tokenizer
-        ids = tok(self.prompt.format(**{f: example[f] for f in self.fields}), add_special_tokens=False)["input_ids"]
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        keep = max(budget - len(bos), 1)
-        return bos + ids[-keep:]  # long inputs lose their start, never the "Label: " cue
+        values = {f: example[f] for f in self.fields}
+        ids = tok(self.prompt.format(**values), add_special_tokens=False)["input_ids"]
+        if len(bos) + len(ids) > budget:
+            first = self.fields[0]
+            overhead = len(tok(self.prompt.format(**{**values, first: ""}), add_special_tokens=False)["input_ids"])
+            keep = max(budget - len(bos) - overhead - 2, 1)
+            field_ids = tok(values[first], add_special_tokens=False)["input_ids"][:keep]
+            values[first] = tok.decode(field_ids)
+            ids = tok(self.prompt.format(**values), add_special_tokens=False)["input_ids"]
+            ids = ids[len(ids) - (budget - len(bos)):] if len(bos) + len(ids) > budget else ids
+        return bos + ids
 
-    def answer_ids(self, label: str) -> list[int]:
-        return self.tokenizer(label, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+    def answer_text(self, example) -> str:
+        return example["answers"][0]["text"] if self.qa else example["label"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
     def _left_pad(self, rows: list[list[int]], fill: int):
         width = max(len(r) for r in rows)
@@ -64,11 +77,12 @@ class Batcher:
         if english is not None and len(english) != len(examples):
             raise ValueError("Every target example needs its English version.")
         if self.kind == "encoder":
-            ids, mask = self._encode_pairs(examples)
-            batch = {"input_ids": ids, "attention_mask": mask,
-                     "labels": torch.tensor([self.labels.index(ex["label"]) for ex in examples])}
+            if self.qa:
+                raise ValueError("Encoders answer QA with a span head: use flare_exp.data.qa.SpanBatcher.")
+            batch = dict(self._encode_pairs(examples))
+            batch["labels"] = torch.tensor([self.labels.index(ex["label"]) for ex in examples])
             if english is not None:
-                batch["source_input_ids"], batch["source_attention_mask"] = self._encode_pairs(english)
+                batch.update({f"source_{k}": v for k, v in self._encode_pairs(english).items()})
             return batch
 
         pad = self.tokenizer.pad_token_id
@@ -76,7 +90,7 @@ class Batcher:
             ids, mask = self._left_pad([self._prompt_ids(ex, self.max_length) for ex in examples], pad)
             batch = {"input_ids": ids, "attention_mask": mask}
         else:
-            answers = [self.answer_ids(ex["label"]) for ex in examples]
+            answers = [self.answer_ids(self.answer_text(ex)) for ex in examples]
             prompts = [self._prompt_ids(ex, self.max_length - len(a)) for ex, a in zip(examples, answers)]
             ids, mask = self._left_pad([p + a for p, a in zip(prompts, answers)], pad)
             labels = torch.full_like(ids, -100)

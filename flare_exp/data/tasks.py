@@ -9,6 +9,9 @@ Local formats (``data.dir=...``), as in the project's development data:
 * ``xnli/{dev,test}-<lang>.tsv``: premise, hypothesis, label; no header, no quoting. XNLI ships
   no English training set locally, so the local ``train`` split is the dev set (parallel in all
   15 languages) and ``validation`` its last 10%.
+* ``tydiqa_goldp/{train,dev}/tydiqa.goldp.<lang>.{train,dev}.json`` (SQuAD v1.1 JSON): the dev
+  set is the test split; ``validation`` is the last 10% of train. QA examples are
+  ``{"id", "context", "question", "answers": [{"text", "answer_start"}]}``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,59 @@ def _xnli_local(data_dir: Path, lang: str, split: str) -> list[dict]:
     return rows
 
 
+TYDIQA_NAMES = {
+    "en": "english", "ar": "arabic", "bn": "bengali", "fi": "finnish", "id": "indonesian",
+    "ko": "korean", "ru": "russian", "sw": "swahili", "te": "telugu",
+}
+
+
+def _squad_rows(data: dict, source: str) -> list[dict]:
+    rows = []
+    for article in data.get("data", []):
+        for paragraph in article["paragraphs"]:
+            context = paragraph["context"]
+            for qa in paragraph["qas"]:
+                answers = [{"text": a["text"], "answer_start": int(a["answer_start"])} for a in qa["answers"]]
+                if not answers:
+                    raise DataError(f"{source}: question {qa['id']} has no answer.")
+                rows.append({"id": qa["id"], "context": context, "question": qa["question"], "answers": answers})
+    if not rows:
+        raise DataError(f"{source} holds no questions (expected SQuAD v1.1 JSON).")
+    return rows
+
+
+def _tydiqa_local(data_dir: Path, lang: str, split: str) -> list[dict]:
+    import json
+
+    file_split = "dev" if split == "test" else "train"
+    path = _need(data_dir / "tydiqa_goldp" / file_split / f"tydiqa.goldp.{lang}.{file_split}.json")
+    try:
+        rows = _squad_rows(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(f"{path} is not SQuAD v1.1 JSON ({error}).") from error
+    if split != "test":
+        cut = len(rows) - len(rows) // 10
+        rows = rows[:cut] if split == "train" else rows[cut:]
+    return rows
+
+
+def _tydiqa_hub(lang: str, split: str) -> list[dict]:
+    import datasets
+
+    hub_split = "validation" if split == "test" else "train"
+    data = datasets.load_dataset("google-research-datasets/tydiqa", "secondary_task", split=hub_split)
+    prefix = TYDIQA_NAMES[lang] + "-"
+    rows = [
+        {"id": r["id"], "context": r["context"], "question": r["question"],
+         "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}
+        for r in data if r["id"].startswith(prefix)
+    ]
+    if split != "test":
+        cut = len(rows) - len(rows) // 10
+        rows = rows[:cut] if split == "train" else rows[cut:]
+    return rows
+
+
 def _hub(path: str, name: str, split: str, labels: tuple[str, ...], fields: list[str], prefix: str):
     import datasets
 
@@ -97,4 +153,8 @@ def load_examples(task: str, lang: str, split: str, data_dir: str | Path | None 
         if local:
             return _xnli_local(local, lang, split)
         return _hub("facebook/xnli", lang, split, XNLI_LABELS, ["premise", "hypothesis"], "xnli")
+    if task == "tydiqa":
+        if lang not in TYDIQA_NAMES:
+            raise ValueError(f"TyDiQA-GoldP has languages {sorted(TYDIQA_NAMES)}, not {lang!r}.")
+        return _tydiqa_local(local, lang, split) if local else _tydiqa_hub(lang, split)
     raise ValueError(f"No data loader for task {task!r}.")

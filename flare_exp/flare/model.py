@@ -84,7 +84,7 @@ class FlareModel(nn.Module):
         return self.peft_model.base_model.model
 
     # -- the source pass -------------------------------------------------------------------
-    def _source_pass(self, source_input_ids, source_attention_mask) -> None:
+    def _source_pass(self, source_input_ids, source_attention_mask, source_token_type_ids=None) -> None:
         """Record the input of every fused projection on the source (spec section 3, D2).
 
         Runs without gradients, with the FLARE adapter off (a frozen stage-1 adapter stays on),
@@ -95,21 +95,24 @@ class FlareModel(nn.Module):
         self.state.start_source()
         self.state.expected = self.n_fused
         hf = self.hf_model
+        extra = {} if source_token_type_ids is None else {"token_type_ids": source_token_type_ids}
         was_training = hf.training
         hf.eval()
         try:
             with torch.no_grad():
                 if self.is_encoder_decoder:
-                    hf.get_encoder()(input_ids=source_input_ids, attention_mask=source_attention_mask)
+                    hf.get_encoder()(input_ids=source_input_ids, attention_mask=source_attention_mask, **extra)
                 else:
-                    extra = {"use_cache": False} if self.state.causal else {}
+                    if self.state.causal:
+                        extra["use_cache"] = False
                     hf(input_ids=source_input_ids, attention_mask=source_attention_mask, **extra)
         except SourcePassDone:
             pass
         finally:
             hf.train(was_training)
 
-    def _prepare_source(self, attention_mask, source_input_ids, source_attention_mask, source_states):
+    def _prepare_source(self, attention_mask, source_input_ids, source_attention_mask, source_states,
+                        source_token_type_ids=None):
         if source_states is None and source_input_ids is None:
             raise ValueError(
                 "FLARE needs the source: pass source_input_ids and source_attention_mask "
@@ -119,7 +122,7 @@ class FlareModel(nn.Module):
             reference = source_states if source_states is not None else source_input_ids
             source_attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         if source_states is None:
-            self._source_pass(source_input_ids, source_attention_mask)
+            self._source_pass(source_input_ids, source_attention_mask, source_token_type_ids)
         else:
             self.state.clear()
         return source_attention_mask
@@ -140,13 +143,14 @@ class FlareModel(nn.Module):
         source_attention_mask=None,
         source_index=None,
         source_states=None,
+        source_token_type_ids=None,
         **kwargs,
     ):
         self.state.clear()
         if attention_mask is None and input_ids is not None:
             attention_mask = torch.ones_like(input_ids)
         source_attention_mask = self._prepare_source(
-            attention_mask, source_input_ids, source_attention_mask, source_states
+            attention_mask, source_input_ids, source_attention_mask, source_states, source_token_type_ids
         )
         if source_index is None:
             source_index = self.source_index(attention_mask, source_attention_mask)

@@ -1,0 +1,98 @@
+"""Extractive QA with a span head (encoders): features with document stride, and answer spans
+from start/end logits.
+
+A long context is split into overlapping windows (features). Under FLARE every window of an
+example fuses the English version of the example, truncated to one window: the alignment map
+(from the start) pairs the question and the beginning of the context; later windows fuse
+what position-wise alignment finds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SpanBatcher:
+    """Features of QA examples for a ``...ForQuestionAnswering`` model (right padding)."""
+
+    def __init__(self, tokenizer, max_length: int = 384, stride: int = 128, max_answer_tokens: int = 30):
+        if not tokenizer.is_fast:
+            raise ValueError("The span head needs a fast tokenizer (offset mappings).")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.stride = min(stride, max_length // 2)
+        self.max_answer_tokens = max_answer_tokens
+        self.kind = "encoder"
+        self.qa = True
+        self.labels = None
+
+    def features(self, examples: list[dict]):
+        return self.tokenizer(
+            [ex["question"] for ex in examples], [ex["context"] for ex in examples],
+            truncation="only_second", max_length=self.max_length, stride=self.stride,
+            return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt",
+        )
+
+    def _source(self, english: list[dict], rows: torch.Tensor) -> dict:
+        encoded = self.tokenizer([ex["question"] for ex in english], [ex["context"] for ex in english],
+                                 truncation="only_second", max_length=self.max_length, padding=True,
+                                 return_tensors="pt")
+        return {f"source_{k}": v[rows] for k, v in encoded.items()}
+
+    def __call__(self, examples: list[dict], english: list[dict] | None = None, train: bool = True) -> dict:
+        enc = self.features(examples)
+        rows = enc["overflow_to_sample_mapping"]
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if "token_type_ids" in enc:
+            batch["token_type_ids"] = enc["token_type_ids"]
+        if train:
+            starts, ends = [], []
+            for f, row in enumerate(rows.tolist()):
+                answer = examples[row]["answers"][0]
+                start_char = answer["answer_start"]
+                end_char = start_char + len(answer["text"])
+                sequence = enc.sequence_ids(f)
+                offsets = enc["offset_mapping"][f].tolist()
+                context = [i for i, s in enumerate(sequence) if s == 1]
+                first, last = context[0], context[-1]
+                if offsets[first][0] > start_char or offsets[last][1] < end_char:
+                    starts.append(0)  # the answer is not in this window: point at [CLS]
+                    ends.append(0)
+                    continue
+                start = first
+                while start <= last and offsets[start][0] <= start_char:
+                    start += 1
+                end = last
+                while end >= first and offsets[end][1] >= end_char:
+                    end -= 1
+                starts.append(start - 1)
+                ends.append(end + 1)
+            batch["start_positions"] = torch.tensor(starts)
+            batch["end_positions"] = torch.tensor(ends)
+        else:
+            batch["_rows"] = rows
+            batch["_offsets"] = enc["offset_mapping"]
+            batch["_sequence_ids"] = [enc.sequence_ids(f) for f in range(len(rows))]
+        if english is not None:
+            batch.update(self._source(english, rows))
+        return batch
+
+    def best_spans(self, examples, rows, offsets, sequence_ids, start_logits, end_logits, top: int = 20):
+        """The best-scoring answer text of each example over all its windows."""
+        best = [(-float("inf"), "") for _ in examples]
+        for f, row in enumerate(rows.tolist()):
+            context = [i for i, s in enumerate(sequence_ids[f]) if s == 1]
+            if not context:
+                continue
+            lo, hi = context[0], context[-1]
+            starts = torch.topk(start_logits[f, lo:hi + 1], min(top, hi - lo + 1)).indices + lo
+            ends = torch.topk(end_logits[f, lo:hi + 1], min(top, hi - lo + 1)).indices + lo
+            for s in starts.tolist():
+                for e in ends.tolist():
+                    if e < s or e - s + 1 > self.max_answer_tokens:
+                        continue
+                    score = float(start_logits[f, s] + end_logits[f, e])
+                    if score > best[row][0]:
+                        text = examples[row]["context"][int(offsets[f, s, 0]):int(offsets[f, e, 1])]
+                        best[row] = (score, text)
+        return [text for _, text in best]

@@ -1,0 +1,228 @@
+"""The translation stage: NLLB-200 through transformers, an on-disk resumable cache, and the
+projection of QA answers through translation (spec sections 5 and 8).
+
+* translate-train: English train/validation -> target language;
+* translate-test: target test -> English.
+
+Every (task, split, direction, language, MT model, generation settings) has one cache file, a
+JSON line per translated example appended as batches finish, so an interrupted stage resumes
+where it stopped and every method and seed reads the same translations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+MARKERS = (('"', '"'), ("«", "»"))
+
+
+class MissingTranslationError(RuntimeError):
+    pass
+
+
+def nllb_code(lang_cfg) -> str:
+    """The NLLB-200 code of a language, or its configured fallback (logged), or an error."""
+    if lang_cfg.nllb:
+        return lang_cfg.nllb
+    if lang_cfg.get("nllb_fallback"):
+        log.warning("%s has no NLLB-200 code: translating with %s instead (explicit fallback).",
+                    lang_cfg.code, lang_cfg.nllb_fallback)
+        return lang_cfg.nllb_fallback
+    raise ValueError(f"Language {lang_cfg.code} has no NLLB-200 code and no fallback: use mt=gold.")
+
+
+class NLLBTranslator:
+    """NLLB-200 (or any NLLB-shaped seq2seq model) with length-sorted batches."""
+
+    def __init__(self, model: str, beams: int = 4, max_length: int = 256, batch_size: int = 16,
+                 device: str | torch.device = "cpu", dtype: str = "auto"):
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.beams, self.max_length, self.batch_size = beams, max_length, batch_size
+        self.name = f"{Path(str(model)).name}-beams{beams}-len{max_length}"
+
+    @torch.no_grad()
+    def translate(self, texts: list[str], src: str, tgt: str) -> list[str]:
+        self.tokenizer.src_lang = src
+        target_id = self.tokenizer.convert_tokens_to_ids(tgt)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out: list[str] = [""] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=self.max_length).to(self.device)
+            generated = self.model.generate(**batch, forced_bos_token_id=target_id, num_beams=self.beams,
+                                            max_length=self.max_length)
+            for i, text in zip(chunk, self.tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                out[i] = text
+        return out
+
+
+class FakeTranslator:
+    """A deterministic stand-in (tests, offline smoke runs): prefixes every word with the target
+    code, so that translations are recognisable and markers survive."""
+
+    def __init__(self, lose_markers_in: tuple[str, ...] = ()):
+        self.lose_markers_in = lose_markers_in  # texts containing one of these lose their markers
+        self.calls = 0
+        self.name = "fake"
+
+    def translate(self, texts: list[str], src: str, tgt: str) -> list[str]:
+        self.calls += 1
+        prefix = tgt.split("_")[0]
+        out = []
+        for text in texts:
+            lose = any(part in text for part in self.lose_markers_in)
+            text = " ".join(self._word(w, prefix) for w in text.split(" "))
+            if lose:
+                text = text.replace('"', "").replace("«", "").replace("»", "")
+            out.append(text)
+        return out
+
+    @staticmethod
+    def _word(word: str, prefix: str) -> str:
+        core = word.strip('"«»')
+        if not core:
+            return word
+        start = word.index(core)
+        return f"{word[:start]}{prefix}:{core}{word[start + len(core):]}"
+
+
+# -- the cache -----------------------------------------------------------------------------
+def cache_file(root: Path, task: str, split: str, direction: str, lang: str, translator_name: str) -> Path:
+    return Path(root) / task / split / f"{direction}-{lang}" / f"{translator_name}.jsonl"
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by an interruption: translated again
+        done[row["id"]] = row["fields"]
+    return done
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line left unfinished by a kill, so that appended rows start on a line of their own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def translate_examples(examples: list[dict], fields: list[str], src: str, tgt: str, translator, path: Path,
+                       batch_size: int = 32, desc: str = "translate") -> list[dict]:
+    """``{id: {field: translation}}`` for ``examples``, from the cache where it has them.
+
+    New translations are appended to ``path`` batch by batch (flushed and synced), so a killed
+    stage loses at most the batch in flight.
+    """
+    done = _read_cache(path)
+    todo = [ex for ex in examples if ex["id"] not in done]
+    if todo:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_line(path)
+        started = time.perf_counter()
+        with path.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc=desc, unit="ex") as bar:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                translated = {f: translator.translate([ex[f] for ex in chunk], src, tgt) for f in fields}
+                for i, ex in enumerate(chunk):
+                    row = {"id": ex["id"], "fields": {f: translated[f][i] for f in fields}}
+                    done[ex["id"]] = row["fields"]
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                bar.update(len(chunk))
+        log.info("translated %d examples in %.1f s (%s)", len(todo), time.perf_counter() - started, path)
+    return [done[ex["id"]] for ex in examples]
+
+
+# -- QA answers through translation --------------------------------------------------------
+def mark_answer(example: dict) -> tuple[str, tuple[str, str]]:
+    """The context with its first answer wrapped in quote marks (guillemets where the context
+    already holds quote marks)."""
+    answer = example["answers"][0]
+    context, start = example["context"], answer["answer_start"]
+    left, right = MARKERS[1] if '"' in context else MARKERS[0]
+    end = start + len(answer["text"])
+    return context[:start] + left + answer["text"] + right + context[end:], (left, right)
+
+
+def locate_answer(translated: str, markers: tuple[str, str]) -> tuple[dict | None, str]:
+    """``({"context", "answer", "answer_start"}, "kept")`` or ``(None, "lost" | "duplicated")``."""
+    left, right = markers
+    if left == right:
+        count = translated.count(left)
+        if count < 2:
+            return None, "lost"
+        if count > 2:
+            return None, "duplicated"
+        first = translated.index(left)
+        second = translated.index(left, first + 1)
+    else:
+        if translated.count(left) == 0 or translated.count(right) == 0:
+            return None, "lost"
+        if translated.count(left) > 1 or translated.count(right) > 1:
+            return None, "duplicated"
+        first, second = translated.index(left), translated.index(right)
+        if second < first:
+            return None, "lost"
+    answer = translated[first + 1:second].strip()
+    if not answer:
+        return None, "lost"
+    before = translated[:first]
+    gap = translated[first + 1:second]
+    context = before + gap + translated[second + 1:]
+    start = len(before) + (len(gap) - len(gap.lstrip()))
+    return {"context": context, "answer": answer, "answer_start": start}, "kept"
+
+
+def project_qa(examples: list[dict], translator, src: str, tgt: str, path: Path, batch_size: int = 16,
+               desc: str = "translate-train") -> tuple[list[dict], dict]:
+    """Translate QA examples with their answers (marker method); drop those whose markers are
+    lost or duplicated. Returns the kept examples and the counts."""
+    marked, markers = [], {}
+    for ex in examples:
+        context, pair = mark_answer(ex)
+        marked.append({"id": ex["id"], "context": context, "question": ex["question"]})
+        markers[ex["id"]] = pair
+    translated = translate_examples(marked, ["context", "question"], src, tgt, translator, path, batch_size, desc)
+    kept, counts = [], {"kept": 0, "lost": 0, "duplicated": 0}
+    for ex, fields in zip(examples, translated):
+        located, status = locate_answer(fields["context"], markers[ex["id"]])
+        counts[status] += 1
+        if located is not None:
+            kept.append({"id": ex["id"], "context": located["context"], "question": fields["question"],
+                         "answers": [{"text": located["answer"], "answer_start": located["answer_start"]}]})
+    counts["total"] = len(examples)
+    return kept, counts
+
+
+def translation_quality(hypotheses: list[str], references: list[str]) -> dict:
+    """chrF and BLEU (sacrebleu) of MT output against human translations."""
+    import sacrebleu
+
+    return {"chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+            "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, "n": len(hypotheses)}
+

@@ -1,0 +1,195 @@
+"""TyDiQA, the translation stage (cache, resume, answer projection, NLLB code path) and SQuAD
+metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from flare_exp.metrics import exact_match, normalize_answer, qa_metrics, token_f1
+from flare_exp.translate import (FakeTranslator, NLLBTranslator, locate_answer, mark_answer, nllb_code,
+                                 project_qa, translate_examples)
+from test_pipeline import SMALL, make_cfg
+from flare_exp.pipeline import run
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def test_squad_normalisation_and_scores_by_hand():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("an apple a day") == "apple day"
+    assert exact_match("the Paris.", "Paris") == 1.0
+    # "in paris france" vs "paris": precision 1/3, recall 1 -> F1 0.5
+    assert token_f1("in Paris France", "Paris") == pytest.approx(0.5)
+    assert token_f1("London", "Paris") == 0.0
+    metrics = qa_metrics(["Paris", "in 1999", None], [["paris", "Paris, France"], ["1998", "in 1999 yes"], ["x"]])
+    # q1: EM 1, F1 1; q2: EM 0, F1 max(0, 2*(2/2*2/3)/(1+2/3)=0.8); q3: invalid -> 0
+    assert metrics["exact_match"] == pytest.approx(1 / 3)
+    assert metrics["f1"] == pytest.approx((1 + 0.8) / 3)
+    assert metrics["invalid"] == 1 and metrics["n"] == 3
+
+
+# -- answer projection -------------------------------------------------------------------------
+def qa(context, answer):
+    return {"id": "q", "context": context, "question": "?",
+            "answers": [{"text": answer, "answer_start": context.index(answer)}]}
+
+
+def test_marker_kept_lost_and_duplicated():
+    marked, markers = mark_answer(qa("He was born in 1999 in Rio.", "1999"))
+    assert marked == 'He was born in "1999" in Rio.' and markers == ('"', '"')
+    located, status = locate_answer('Alizaliwa mwaka "1999" huko Rio.', markers)
+    assert status == "kept" and located["answer"] == "1999"
+    assert located["context"][located["answer_start"]:].startswith("1999")
+    assert located["context"] == "Alizaliwa mwaka 1999 huko Rio."
+    assert locate_answer("Alizaliwa mwaka 1999 huko Rio.", markers) == (None, "lost")
+    assert locate_answer('"Alizaliwa" mwaka "1999" huko Rio.', markers) == (None, "duplicated")
+    # A context that already holds quote marks is marked with guillemets instead.
+    marked, markers = mark_answer(qa('He said "yes" in 1999.', "1999"))
+    assert markers == ("«", "»") and "«1999»" in marked
+    located, status = locate_answer('Alisema "ndiyo" mwaka «1999».', markers)
+    assert status == "kept" and located["answer"] == "1999"
+
+
+def test_project_qa_counts_and_drops(tmp_path):
+    examples = [qa(f"Item {i} costs {i}0 dollars.", f"{i}0") | {"id": f"q{i}"} for i in range(6)]
+    kept, counts = project_qa(examples, FakeTranslator(lose_markers_in=("Item 0 ", "Item 3 ")), "eng_Latn", "swh_Latn",
+                              tmp_path / "cache.jsonl", batch_size=4)
+    assert counts == {"kept": 4, "lost": 2, "duplicated": 0, "total": 6}  # q0 and q3 lose their markers
+    assert [k["id"] for k in kept] == ["q1", "q2", "q4", "q5"]
+    for example in kept:
+        answer = example["answers"][0]
+        assert example["context"][answer["answer_start"]:].startswith(answer["text"])
+        assert answer["text"].startswith("swh:")
+
+
+# -- the cache ---------------------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+class CountingTranslator(FakeTranslator):
+    def __init__(self, fail_after_calls=None):
+        super().__init__()
+        self.fail_after_calls = fail_after_calls
+        self.texts = 0
+
+    def translate(self, texts, src, tgt):
+        if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
+            raise Interrupted
+        self.texts += len(texts)
+        return super().translate(texts, src, tgt)
+
+
+def test_cache_survives_an_interrupted_run_and_is_reused(tmp_path):
+    examples = [{"id": f"e{i}", "text": f"sentence number {i}"} for i in range(10)]
+    path = tmp_path / "cache.jsonl"
+    expected = translate_examples(examples, ["text"], "swh_Latn", "eng_Latn", FakeTranslator(), tmp_path / "ref.jsonl", 4)
+    with pytest.raises(Interrupted):
+        translate_examples(examples, ["text"], "swh_Latn", "eng_Latn", CountingTranslator(fail_after_calls=2), path, 4)
+    assert len(path.read_text().splitlines()) == 8  # two finished batches of four
+    with path.open("a") as handle:
+        handle.write('{"id": "e8", "fields": {"te')  # a line cut off by the kill
+    resumed = CountingTranslator()
+    assert translate_examples(examples, ["text"], "swh_Latn", "eng_Latn", resumed, path, 4) == expected
+    assert resumed.texts == 2  # only e8 and e9 were translated again
+    reused = CountingTranslator()
+    assert translate_examples(examples, ["text"], "swh_Latn", "eng_Latn", reused, path, 4) == expected
+    assert reused.texts == 0
+
+
+def test_nllb_fallback_is_explicit_and_logged(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert nllb_code(OmegaConf.create({"code": "mad", "nllb": None, "nllb_fallback": "ind_Latn"})) == "ind_Latn"
+    assert "mad has no NLLB-200 code" in caplog.text
+    assert nllb_code(OmegaConf.create({"code": "sw", "nllb": "swh_Latn", "nllb_fallback": None})) == "swh_Latn"
+    with pytest.raises(ValueError, match="mt=gold"):
+        nllb_code(OmegaConf.create({"code": "dma", "nllb": None, "nllb_fallback": None}))
+
+
+# -- the NLLB code path on a tiny random NLLB-shaped model -----------------------------------
+@pytest.fixture(scope="module")
+def tiny_nllb(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-nllb")
+    words = ["<pad>", "<s>", "</s>", "<unk>", "eng_Latn", "swh_Latn"] + [f"w{i}" for i in range(60)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = M2M100Config(vocab_size=len(words), d_model=16, encoder_layers=1, decoder_layers=1,
+                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                          decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, decoder_start_token_id=2)
+    M2M100ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def test_nllb_translator_batches_by_length_and_keeps_order(tiny_nllb):
+    translator = NLLBTranslator(str(tiny_nllb), beams=1, max_length=12, batch_size=3)
+    texts = ["w1 w2 w3 w4 w5", "w7", "w9 w10", "w11 w12 w13", "w20 w21 w22 w23 w24 w25 w26", "w30"]
+    batched = translator.translate(texts, "eng_Latn", "swh_Latn")
+    singles = [translator.translate([t], "eng_Latn", "swh_Latn")[0] for t in texts]
+    assert batched == singles and all(isinstance(t, str) for t in batched)
+    assert translator.name == f"{tiny_nllb.name}-beams1-len12"
+
+
+# -- TyDiQA end to end ------------------------------------------------------------------------
+def squad_file(path, lang, n, seed):
+    data = []
+    for i in range(n):
+        year = str(1900 + (i * 7 + seed) % 100)
+        context = f"The person number {i} was born in {year} in a town near the river."
+        data.append({"paragraphs": [{"context": context, "qas": [{
+            "id": f"{lang}-{seed}-{i}", "question": f"When was person {i} born?",
+            "answers": [{"text": year, "answer_start": context.index(year)}]}]}]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data": data}))
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    squad_file(root / "tydiqa_goldp/train/tydiqa.goldp.en.train.json", "en", 40, 1)
+    squad_file(root / "tydiqa_goldp/dev/tydiqa.goldp.en.dev.json", "en", 12, 2)
+    squad_file(root / "tydiqa_goldp/dev/tydiqa.goldp.sw.dev.json", "sw", 12, 3)
+    return root
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
+def test_tydiqa_end_to_end_with_fake_translator(tmp_path, qa_data, model):
+    overrides = [f"model={model}", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
+                 "task.max_length=64", "task.stride=16", "task.max_new_tokens=6",
+                 *[o for o in SMALL if not o.startswith(("task=", "mt="))]]
+    results = {m: run(make_cfg([*overrides, f"method={m}"], tmp_path))
+               for m in ["zero_shot", "translate_test", "lora", "flare"]}
+    for method, result in results.items():
+        metrics = result["metrics"]
+        assert metrics["n"] == 12 and 0 <= metrics["exact_match"] <= metrics["f1"] <= 1
+    # The local train split is the first 90% of the English train file: 36 of 40 questions.
+    assert results["flare"]["data"]["answer_projection"] == {"kept": 36, "lost": 0, "duplicated": 0, "total": 36}
+    assert results["flare"]["stage2_train"]["last_epoch_loss"] != results["lora"]["stage2_train"]["last_epoch_loss"]
+    # One translation cache per (split, direction): reused by every method.
+    caches = sorted(p.relative_to(tmp_path) for p in (tmp_path / "translations").rglob("*.jsonl"))
+    assert [str(p) for p in caches] == ["translations/tydiqa/test/x-en-sw/fake.jsonl",
+                                        "translations/tydiqa/train/en-x-sw/fake.jsonl"]
+    rows = [json.loads(l) for l in (tmp_path / "runs/tydiqa" / model / "fake/translate_test/sw/seed100/predictions.jsonl").read_text().splitlines()]
+    # Translate-test answers are English spans translated back into the target language.
+    assert all(r["prediction"] == " ".join(f"swh:{w}" for w in r["output"].split(" ")) or not r["output"].strip()
+               for r in rows)
+
+
+def test_translate_stage_reports(tmp_path, qa_data, capsys):
+    cfg = make_cfg(["stage=translate", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
+                    "model=tiny-bert"], tmp_path)
+    report = run(cfg)
+    assert report["train_examples"] == 36 and report["test_examples"] == 12
+    assert report["answer_projection"]["kept"] == 36
+    assert (tmp_path / "translations/tydiqa/report-sw-fake.json").is_file()
