@@ -102,6 +102,27 @@ class FakeTranslator:
         return f"{word[:start]}{prefix}:{core}{word[start + len(core):]}"
 
 
+def build_tiny_nllb(folder: Path, vocab: int = 60, seed: int = 0) -> Path:
+    """A tiny random NLLB-shaped (M2M-100) model with a word-level tokenizer that knows the codes
+    eng_Latn and swh_Latn: the translation code path offline (its output is noise)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "eng_Latn", "swh_Latn"] + [f"w{i}" for i in range(vocab)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        config = M2M100Config(vocab_size=len(words), d_model=16, encoder_layers=1, decoder_layers=1,
+                              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                              decoder_ffn_dim=32, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, decoder_start_token_id=2)
+        M2M100ForConditionalGeneration(config).save_pretrained(folder)
+    return Path(folder)
+
+
 # -- the cache -----------------------------------------------------------------------------
 def cache_file(root: Path, task: str, split: str, direction: str, lang: str, translator_name: str) -> Path:
     return Path(root) / task / split / f"{direction}-{lang}" / f"{translator_name}.jsonl"

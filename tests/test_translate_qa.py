@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from flare_exp.metrics import exact_match, normalize_answer, qa_metrics, token_f1
-from flare_exp.translate import (FakeTranslator, NLLBTranslator, locate_answer, mark_answer, nllb_code,
-                                 project_qa, translate_examples)
+from flare_exp.translate import (FakeTranslator, NLLBTranslator, build_tiny_nllb, locate_answer, mark_answer,
+                                 nllb_code, project_qa, translate_examples)
 from test_pipeline import SMALL, make_cfg
 from flare_exp.pipeline import run
 
@@ -113,23 +113,7 @@ def test_nllb_fallback_is_explicit_and_logged(caplog):
 # -- the NLLB code path on a tiny random NLLB-shaped model -----------------------------------
 @pytest.fixture(scope="module")
 def tiny_nllb(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import M2M100Config, M2M100ForConditionalGeneration, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-nllb")
-    words = ["<pad>", "<s>", "</s>", "<unk>", "eng_Latn", "swh_Latn"] + [f"w{i}" for i in range(60)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = M2M100Config(vocab_size=len(words), d_model=16, encoder_layers=1, decoder_layers=1,
-                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                          decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                          eos_token_id=2, decoder_start_token_id=2)
-    M2M100ForConditionalGeneration(config).save_pretrained(folder)
-    return folder
+    return build_tiny_nllb(tmp_path_factory.mktemp("tiny-nllb"))
 
 
 def test_nllb_translator_batches_by_length_and_keeps_order(tiny_nllb):
