@@ -108,9 +108,9 @@ def _package_model_dir(model_cfg: DictConfig, cache_dir: Path) -> Path:
     return target
 
 
-def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None, pad_id: int):
+def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None, pad_id: int, eos_id: int):
     from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, LlamaConfig,
-                              LlamaForCausalLM)
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -122,26 +122,54 @@ def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None
         if model_cfg.architecture == "llama":
             config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 pad_token_id=pad_id, max_position_embeddings=1024)
+                                 pad_token_id=pad_id, eos_token_id=eos_id, max_position_embeddings=1024)
             return LlamaForCausalLM(config)
-    raise ValueError(f"Unknown tiny architecture {model_cfg.architecture!r} (bert or llama).")
+        if model_cfg.architecture == "t5":
+            config = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                              num_decoder_layers=2, num_heads=4, pad_token_id=pad_id, eos_token_id=eos_id,
+                              decoder_start_token_id=pad_id, feed_forward_proj="gated-gelu")
+            return T5ForConditionalGeneration(config)
+    raise ValueError(f"Unknown tiny architecture {model_cfg.architecture!r} (bert, llama or t5).")
+
+
+def _tiny_folder(model_cfg: DictConfig, tokenizer, labels, cache_dir: Path) -> Path:
+    """A tiny model saved once, so that it can be loaded like any other (4-bit included)."""
+    head = "qa" if labels is None else f"{len(labels)}"
+    folder = cache_dir / "models" / f"{model_cfg.name}-v{len(tokenizer)}-{head}"
+    if not (folder / "config.json").is_file():
+        model = _tiny_model(model_cfg, len(tokenizer), labels, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        model.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another job saved it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.device, cache_dir: Path, seed: int):
     """The base model (no adapters), frozen, on ``device``.
 
     Encoders get a sequence-classification head with ``labels`` (initialised from ``seed``), or
-    a span (question answering) head where ``labels`` is None; decoders are causal LMs. ``quantization: nf4`` loads 4-bit NF4 weights with the configured
-    compute dtype.
+    a span (question answering) head where ``labels`` is None; decoders are causal LMs and
+    encoder-decoders seq2seq LMs. ``quantization: nf4`` loads 4-bit NF4 weights with the
+    configured compute dtype (tiny models too, through a saved copy).
     """
-    from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering,
+    from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification, BitsAndBytesConfig)
 
     dtype = getattr(torch, model_cfg.dtype)
-    if model_cfg.source == "tiny":
-        model = _tiny_model(model_cfg, len(tokenizer), labels, tokenizer.pad_token_id).to(dtype)
+    if model_cfg.source == "tiny" and model_cfg.quantization == "none":
+        model = _tiny_model(model_cfg, len(tokenizer), labels, tokenizer.pad_token_id,
+                            tokenizer.eos_token_id).to(dtype)
     else:
-        source = str(_package_model_dir(model_cfg, cache_dir)) if model_cfg.source == "package" else model_cfg.path
+        if model_cfg.source == "tiny":
+            source = str(_tiny_folder(model_cfg, tokenizer, labels, cache_dir))
+        elif model_cfg.source == "package":
+            source = str(_package_model_dir(model_cfg, cache_dir))
+        else:
+            source = model_cfg.path
         kwargs = {"dtype": dtype}
         if model_cfg.quantization == "nf4":
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -159,6 +187,8 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
                 kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                               label2id={l: i for i, l in enumerate(labels)})
                 model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            elif model_cfg.kind == "encoder_decoder":
+                model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
             else:
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if model_cfg.quantization != "nf4":

@@ -53,7 +53,7 @@ def validate(cfg: DictConfig) -> None:
             f"Task {task.name} is not parallel, so method {method.name} needs machine translation: "
             f"choose mt from {[m for m in _choices('mt') if m != 'gold']}."
         )
-    if model.kind not in ("encoder", "decoder"):
+    if model.kind not in ("encoder", "decoder", "encoder_decoder"):
         raise ConfigError(f"Model {model.name} of kind {model.kind!r} cannot run yet; choose model from "
                           f"{_choices('model')}.")
     hub_model = model.source == "hub" and not model_in_local_cache(model.path)

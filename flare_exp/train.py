@@ -105,10 +105,11 @@ def predict(model, batcher, examples: list[dict], english: list[dict] | None, ev
             predictions = outputs
         else:
             batch = _to(batch, device)
-            prompt_len = batch["input_ids"].shape[1]
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=batcher.tokenizer.pad_token_id)
-            outputs = batcher.tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
+            if batcher.kind == "decoder":  # decoders return prompt + answer, encoder-decoders the answer
+                generated = generated[:, batch["input_ids"].shape[1]:]
+            outputs = batcher.tokenizer.batch_decode(generated, skip_special_tokens=True)
             if batcher.qa:
                 predictions = [_first_line(o) for o in outputs]
             else:

@@ -1,5 +1,6 @@
 """Turning examples into model batches: classification heads for encoders, prompts and answer
-tokens for decoders, and the English source with its alignment map for FLARE."""
+tokens for decoders and encoder-decoders, and the source each method fuses (the English version
+with its alignment map, or the MT encoder's reading of the target text)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,43 @@ import torch
 
 from ..flare.alignment import build_source_index
 
+SEPARATOR = " || "  # between the English and the target text under input-level fusion
+
+
+def concatenate_inputs(targets: list[dict], english: list[dict], fields: list[str], qa: bool) -> list[dict]:
+    """Input-level fusion: every text field holds the English text, a separator, then the target
+    text (QA answer offsets move with the context)."""
+    fused = []
+    for target, source in zip(targets, english, strict=True):
+        example = dict(target)
+        for field in fields:
+            example[field] = source[field] + SEPARATOR + target[field]
+        if qa:
+            shift = len(source["context"]) + len(SEPARATOR)
+            example["answers"] = [{**a, "answer_start": a["answer_start"] + shift} for a in target["answers"]]
+        fused.append(example)
+    return fused
+
 
 class Batcher:
     """Builds the tensors of one batch.
 
-    ``kind`` is ``encoder`` (sequence classification: labels are class indices) or ``decoder``
-    (prompt + verbaliser; loss on the answer tokens only; left padding). With ``english`` the
-    batch also carries ``source_input_ids``/``source_attention_mask`` (the English version of
-    each example: for decoders its prompt without answer) and, for decoders in training, the
-    ``source_index`` map in which answer tokens fuse the last source position (spec D5).
+    ``kind``: ``encoder`` (sequence classification: labels are class indices), ``decoder``
+    (prompt + answer tokens, loss on the answer only, left padding) or ``encoder_decoder``
+    (prompt in the encoder, answer as decoder labels, right padding).
+
+    The source of a FLARE batch: with ``english``, the English version of each example
+    (``source_input_ids``/``source_attention_mask``; for generative models its prompt without
+    answer). With an ``mt_tokenizer`` (FLARE MT), the MT encoder's tokenization of the target
+    text itself (``mt_input_ids``/``mt_attention_mask``, source language tag ``mt_lang``).
+    Decoder training batches also carry ``source_index``, in which answer tokens fuse the last
+    source position (spec D5).
     """
 
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, alignment: str = "position",
-                 mask_source_padding: bool = True):
-        if kind not in ("encoder", "decoder"):
-            raise ValueError(f"Unknown model kind {kind!r} (encoder or decoder).")
+                 mask_source_padding: bool = True, mt_tokenizer=None, mt_lang: str | None = None):
+        if kind not in ("encoder", "decoder", "encoder_decoder"):
+            raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
         self.tokenizer = tokenizer
         self.fields = list(task_cfg.fields)
         self.qa = task_cfg.type == "qa"
@@ -31,30 +54,33 @@ class Batcher:
         self.max_length = max_length
         self.alignment = alignment
         self.mask_source_padding = mask_source_padding
+        self.mt_tokenizer = mt_tokenizer
+        self.mt_lang = mt_lang
 
-    # -- encoders --------------------------------------------------------------------------
+    # -- pieces ----------------------------------------------------------------------------
     def _encode_pairs(self, examples):
         columns = [[ex[f] for ex in examples] for f in self.fields]
         return self.tokenizer(*columns, truncation=True, max_length=self.max_length,
                               padding=True, return_tensors="pt")
 
-    # -- decoders --------------------------------------------------------------------------
     def _prompt_ids(self, example, budget: int) -> list[int]:
-        """BOS + the formatted prompt; a prompt over ``budget`` tokens loses the end of its first
-        field (the text, or the QA context), never the question or the "Label: " cue."""
+        """BOS + the formatted prompt (+ EOS for an encoder); a prompt over ``budget`` tokens
+        loses the end of its first field (the text, or the QA context), never the question or
+        the "Label: " cue."""
         tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None and self.kind == "decoder" else []
+        eos = [tok.eos_token_id] if self.kind == "encoder_decoder" else []
+        budget -= len(bos) + len(eos)
         values = {f: example[f] for f in self.fields}
         ids = tok(self.prompt.format(**values), add_special_tokens=False)["input_ids"]
-        if len(bos) + len(ids) > budget:
+        if len(ids) > budget:
             first = self.fields[0]
             overhead = len(tok(self.prompt.format(**{**values, first: ""}), add_special_tokens=False)["input_ids"])
-            keep = max(budget - len(bos) - overhead - 2, 1)
-            field_ids = tok(values[first], add_special_tokens=False)["input_ids"][:keep]
-            values[first] = tok.decode(field_ids)
+            keep = max(budget - overhead - 2, 1)
+            values[first] = tok.decode(tok(values[first], add_special_tokens=False)["input_ids"][:keep])
             ids = tok(self.prompt.format(**values), add_special_tokens=False)["input_ids"]
-            ids = ids[len(ids) - (budget - len(bos)):] if len(bos) + len(ids) > budget else ids
-        return bos + ids
+            ids = ids[max(len(ids) - budget, 0):]
+        return bos + ids + eos
 
     def answer_text(self, example) -> str:
         return example["answers"][0]["text"] if self.qa else example["label"]
@@ -62,48 +88,73 @@ class Batcher:
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
-    def _left_pad(self, rows: list[list[int]], fill: int):
+    @staticmethod
+    def _pad(rows: list[list[int]], fill: int, left: bool):
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), fill, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
             if row:
-                ids[i, width - len(row):] = torch.tensor(row)
-                mask[i, width - len(row):] = 1
+                ids[i, span] = torch.tensor(row)
+                mask[i, span] = 1
         return ids, mask
 
+    def _prompts(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self._prompt_ids(ex, self.max_length) for ex in examples]
+        return self._pad(rows, self.tokenizer.pad_token_id, left=self.kind == "decoder")
+
+    def _mt_source(self, examples) -> dict:
+        tok = self.mt_tokenizer
+        tok.src_lang = self.mt_lang
+        texts = ["\n".join(ex[f] for f in self.fields) for ex in examples]
+        encoded = tok(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        return {"mt_input_ids": encoded["input_ids"], "mt_attention_mask": encoded["attention_mask"]}
+
     # -- batches ---------------------------------------------------------------------------
-    def __call__(self, examples: list[dict], english: list[dict] | None = None, train: bool = True) -> dict:
-        if english is not None and len(english) != len(examples):
-            raise ValueError("Every target example needs its English version.")
+    def _target(self, examples, train: bool) -> tuple[dict, list[int] | None]:
         if self.kind == "encoder":
             if self.qa:
                 raise ValueError("Encoders answer QA with a span head: use flare_exp.data.qa.SpanBatcher.")
             batch = dict(self._encode_pairs(examples))
             batch["labels"] = torch.tensor([self.labels.index(ex["label"]) for ex in examples])
-            if english is not None:
-                batch.update({f"source_{k}": v for k, v in self._encode_pairs(english).items()})
-            return batch
-
-        pad = self.tokenizer.pad_token_id
+            return batch, None
         if not train:
-            ids, mask = self._left_pad([self._prompt_ids(ex, self.max_length) for ex in examples], pad)
-            batch = {"input_ids": ids, "attention_mask": mask}
+            ids, mask = self._prompts(examples)
+            return {"input_ids": ids, "attention_mask": mask}, None
+        answers = [self.answer_ids(self.answer_text(ex)) for ex in examples]
+        pad = self.tokenizer.pad_token_id
+        if self.kind == "encoder_decoder":
+            ids, mask = self._prompts(examples)
+            labels, label_mask = self._pad(answers, pad, left=False)
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels.masked_fill(label_mask == 0, -100)}, None
+        prompts = [self._prompt_ids(ex, self.max_length - len(a)) for ex, a in zip(examples, answers)]
+        ids, mask = self._pad([p + a for p, a in zip(prompts, answers)], pad, left=True)
+        labels = torch.full_like(ids, -100)
+        for i, answer in enumerate(answers):
+            labels[i, ids.shape[1] - len(answer):] = torch.tensor(answer)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}, [len(p) for p in prompts]
+
+    def __call__(self, examples: list[dict], english: list[dict] | None = None, train: bool = True) -> dict:
+        if english is not None and len(english) != len(examples):
+            raise ValueError("Every target example needs its English version.")
+        batch, prompt_lengths = self._target(examples, train)
+        if self.mt_tokenizer is not None:
+            source = self._mt_source(examples)
+            source_mask = source["mt_attention_mask"]
+        elif english is not None:
+            if self.kind == "encoder":
+                source = {f"source_{k}": v for k, v in self._encode_pairs(english).items()}
+            else:
+                ids, mask = self._prompts(english)
+                source = {"source_input_ids": ids, "source_attention_mask": mask}
+            source_mask = source["source_attention_mask"]
         else:
-            answers = [self.answer_ids(self.answer_text(ex)) for ex in examples]
-            prompts = [self._prompt_ids(ex, self.max_length - len(a)) for ex, a in zip(examples, answers)]
-            ids, mask = self._left_pad([p + a for p, a in zip(prompts, answers)], pad)
-            labels = torch.full_like(ids, -100)
-            for i, answer in enumerate(answers):
-                labels[i, ids.shape[1] - len(answer):] = torch.tensor(answer)
-            batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if english is not None:
-            source_ids, source_mask = self._left_pad([self._prompt_ids(ex, self.max_length) for ex in english], pad)
-            batch["source_input_ids"], batch["source_attention_mask"] = source_ids, source_mask
-            if train:
-                batch["source_index"] = build_source_index(
-                    mask, source_mask, strategy=self.alignment, anchor="end",
-                    target_prompt_lengths=torch.tensor([len(p) for p in prompts]),
-                    mask_source_padding=self.mask_source_padding,
-                )
+            return batch
+        batch.update(source)
+        if prompt_lengths is not None:
+            batch["source_index"] = build_source_index(
+                batch["attention_mask"], source_mask, strategy=self.alignment, anchor="end",
+                target_prompt_lengths=torch.tensor(prompt_lengths), mask_source_padding=self.mask_source_padding,
+            )
         return batch
