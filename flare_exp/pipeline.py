@@ -20,13 +20,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .data import Batcher, load_examples
 from .data.qa import SpanBatcher
+from .data.collate import concatenate_inputs
 from .flare import FlareConfig, get_flare_model
+from .flare.mt import FlareMTModel, load_mt_encoder
 from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device
 from .results import (POINTER, git_commit, method_label, run_dir, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
 from .train import predict, score, train_model
-from .translate import (FakeTranslator, NLLBTranslator, cache_file, nllb_code, project_qa, translate_examples,
-                        translation_quality)
+from .translate import (FakeTranslator, NLLBTranslator, build_tiny_nllb, cache_file, nllb_code, project_qa,
+                        translate_examples, translation_quality)
+from .xmixup import XMixupModel
 
 STAGE2_ADAPTER = "stage2"
 
@@ -47,7 +50,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"Task {task.name} has no language {lang.code!r}; choose lang from {list(task.languages)}.")
     if task.type not in ("classification", "qa"):
         raise ConfigError(f"Unknown task type {task.type!r} (classification or qa).")
-    needs_english = method.eval_input == "english" or method.stage2 == "flare"
+    needs_english = method.eval_input in ("english", "fused") or method.stage2 in ("flare", "xmixup")
     if mt.name == "gold" and not task.parallel and (needs_english or method.stage2 != "none"):
         raise ConfigError(
             f"Task {task.name} is not parallel, so method {method.name} needs machine translation: "
@@ -164,13 +167,18 @@ def translate_stage(cfg: DictConfig) -> dict:
     return report
 
 
-def make_batcher(cfg: DictConfig, tokenizer):
-    method = cfg.method
+def make_batcher(cfg: DictConfig, tokenizer, mt_tokenizer=None, plain: bool = False):
+    """The batcher of this run's method (``plain``: of stage 1, whatever the method)."""
+    method = OmegaConf.create({}) if plain else cfg.method
+    max_length = int(cfg.task.max_length * method.get("length_factor", 1))
+    mt_lang = nllb_code(cfg.lang) if mt_tokenizer is not None else None
     if cfg.task.type == "qa" and cfg.model.kind == "encoder":
-        return SpanBatcher(tokenizer, cfg.task.max_length, stride=cfg.task.get("stride", 128))
-    return Batcher(tokenizer, cfg.task, cfg.model.kind, cfg.task.max_length,
+        return SpanBatcher(tokenizer, max_length, stride=cfg.task.get("stride", 128), mt_tokenizer=mt_tokenizer,
+                           mt_lang=mt_lang)
+    return Batcher(tokenizer, cfg.task, cfg.model.kind, max_length,
                    alignment=method.get("alignment", "position"),
-                   mask_source_padding=method.get("mask_source_padding", True))
+                   mask_source_padding=method.get("mask_source_padding", True),
+                   mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
 
 
 # -- stage 1 -------------------------------------------------------------------------------
@@ -254,19 +262,17 @@ def load_stage1(cfg: DictConfig, path: Path, tokenizer, device) -> PeftModel:
     return model
 
 
-def build_stage2(cfg: DictConfig, stage1: PeftModel):
-    """A fresh stage-2 adapter on the stage-1 model: plain LoRA or FLARE."""
-    torch.manual_seed(cfg.seed)
-    method = cfg.method
-    if method.stage2 == "flare":
-        targets = cfg.model.lora_targets
-        config = FlareConfig(
-            r=cfg.train.r, alpha=cfg.train.alpha, dropout=cfg.train.dropout,
-            target_modules=targets if isinstance(targets, str) else list(targets),
-            fuse_modules=cfg.model.fuse_modules, fusion=method.fusion, heads=method.heads,
-            alignment=method.alignment, mask_source_padding=method.mask_source_padding,
-        )
-        return get_flare_model(stage1, config)
+def _flare_config(cfg: DictConfig) -> FlareConfig:
+    method, targets = cfg.method, cfg.model.lora_targets
+    return FlareConfig(
+        r=cfg.train.r, alpha=cfg.train.alpha, dropout=cfg.train.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        fuse_modules=cfg.model.fuse_modules, fusion=method.fusion, heads=method.heads,
+        alignment=method.alignment, mask_source_padding=method.mask_source_padding,
+    )
+
+
+def _lora_stage2(cfg: DictConfig, stage1: PeftModel):
     if cfg.model.quantization == "nf4":
         # Merging would re-quantise 4-bit weights: keep stage 1 as a frozen adapter.
         stage1.add_adapter(STAGE2_ADAPTER, _lora_config(cfg))
@@ -274,7 +280,41 @@ def build_stage2(cfg: DictConfig, stage1: PeftModel):
         for name, param in stage1.named_parameters():
             param.requires_grad_(f".{STAGE2_ADAPTER}." in name)
         return stage1
-    return get_peft_model(stage1.merge_and_unload(), _lora_config(cfg))
+    return get_peft_model(stage1.merge_and_unload(), _lora_config(cfg), adapter_name=STAGE2_ADAPTER)
+
+
+def _hidden_size(model) -> int:
+    config = model.config
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def build_stage2(cfg: DictConfig, stage1: PeftModel, mt_encoder=None):
+    """A fresh stage-2 adapter on the stage-1 model: plain LoRA (lora, input_fusion), FLARE,
+    FLARE MT (with ``mt_encoder`` = (encoder, width)), or LoRA with X-Mixup."""
+    torch.manual_seed(cfg.seed)
+    kind = cfg.method.stage2
+    if kind == "flare":
+        return get_flare_model(stage1, _flare_config(cfg))
+    if kind == "flare_mt":
+        flare = get_flare_model(stage1, _flare_config(cfg))
+        encoder, width = mt_encoder
+        return FlareMTModel(flare, encoder, width, _hidden_size(flare.hf_model))
+    model = _lora_stage2(cfg, stage1)
+    if kind == "xmixup":
+        method = cfg.method
+        return XMixupModel(model, STAGE2_ADAPTER, layers=method.layers, lambda0=method.lambda0, heads=method.heads)
+    return model
+
+
+def _mt_encoder(cfg: DictConfig, device):
+    """(encoder, tokenizer, width) of FLARE MT's MT model; ``tiny`` builds a random one offline."""
+    path = cfg.method.encoder
+    if path == "tiny":
+        folder = Path(cfg.output_dir) / "cache" / "models" / "tiny-nllb"
+        if not (folder / "config.json").is_file():
+            build_tiny_nllb(folder)
+        path = str(folder)
+    return load_mt_encoder(path, device)
 
 
 def _back_translate_answers(cfg: DictConfig, rows: list[dict], translator, out: Path) -> None:
@@ -308,22 +348,27 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     cache = Path(cfg.output_dir) / "cache"
     tokenizer = load_tokenizer(cfg.model, cache)
     method = cfg.method
-    batcher = make_batcher(cfg, tokenizer)
     translator = LazyTranslator(cfg, device) if cfg.mt.name != "gold" else None
-    stage1_path = ensure_stage1(cfg, tokenizer, batcher, device)
+    stage1_path = ensure_stage1(cfg, tokenizer, make_batcher(cfg, tokenizer, plain=True), device)
     stage1_info = json.loads((stage1_path / "stage1.json").read_text())
     model = load_stage1(cfg, stage1_path, tokenizer, device)
-    uses_source = method.stage2 == "flare"
-    train_stats, data_info = None, {}
+    mt = _mt_encoder(cfg, device) if method.stage2 == "flare_mt" else None
+    batcher = make_batcher(cfg, tokenizer, mt_tokenizer=mt[1] if mt else None)
+    uses_english = method.stage2 in ("flare", "xmixup")  # the English source in the model's forward
+    fields, train_stats, data_info = list(cfg.task.fields), None, {}
     with tracker(cfg, out) as wandb_run:
         if method.stage2 != "none":
             targets, english, data_info = training_pairs(cfg, translator)
-            model = build_stage2(cfg, model)
-            train_stats = train_model(model, batcher, targets, english if uses_source else None, cfg.train,
+            if method.eval_input == "fused":
+                targets = concatenate_inputs(targets, english, fields, batcher.qa)
+            model = build_stage2(cfg, model, (mt[0], mt[2]) if mt else None)
+            train_stats = train_model(model, batcher, targets, english if uses_english else None, cfg.train,
                                       cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}")
         test, english_test = test_pairs(cfg, translator)
-        inputs = english_test if method.eval_input == "english" else test
-        rows = predict(model, batcher, inputs, english_test if uses_source else None, cfg.train.eval_batch_size,
+        inputs = {"target": test, "english": english_test}.get(method.eval_input)
+        if method.eval_input == "fused":
+            inputs = concatenate_inputs(test, english_test, fields, batcher.qa)
+        rows = predict(model, batcher, inputs, english_test if uses_english else None, cfg.train.eval_batch_size,
                        device, cfg.task.max_new_tokens, desc=f"test {method_label(method)} {cfg.lang.code}")
         for row, target in zip(rows, test):
             row["id"] = target["id"]

@@ -42,7 +42,7 @@ def write_lines_atomic(path: Path, rows: list[dict]) -> None:
 def method_label(method_cfg: DictConfig) -> str:
     """The method's name plus what differs from its defaults (``flare-mul-proportional``)."""
     parts = [method_cfg.name]
-    if method_cfg.stage2 == "flare":
+    if method_cfg.stage2 in ("flare", "flare_mt"):
         if method_cfg.fusion != METHOD_DEFAULTS["fusion"]:
             parts.append(method_cfg.fusion)
         if method_cfg.fusion == "cross_attention" and method_cfg.heads != 1:
@@ -114,7 +114,7 @@ def load_results(paths) -> "pandas.DataFrame":  # noqa: F821
 def format_table(frame, metric: str) -> str:
     """Methods x languages (mean over seeds), in percent, as a small text table."""
     pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
-    order = ["zero_shot", "translate_test", "lora", "flare"]
+    order = ["zero_shot", "translate_test", "lora", "xmixup", "input_fusion", "flare_mt", "flare"]
     pivot = pivot.reindex(sorted(pivot.index, key=lambda m: (order.index(m) if m in order else 99, m)))
     english = frame["english_score"].dropna()
     lines = [pivot.round(2).to_string()]

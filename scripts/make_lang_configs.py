@@ -38,8 +38,8 @@ LANGUAGES = [
     ("min", "Minangkabau", "min_Latn", None),
     ("nij", "Ngaju", None, "ind_Latn"),
     ("sun", "Sundanese", "sun_Latn", None),
-    ("dma", "Demo A (invented words, English order)", None, None),
-    ("dmb", "Demo B (invented words, reversed order)", None, None),
+    ("dma", "Demo A (invented words, English order)", None, "eng_Latn"),
+    ("dmb", "Demo B (invented words, reversed order)", None, "eng_Latn"),
 ]
 
 

@@ -15,7 +15,8 @@ import torch
 class SpanBatcher:
     """Features of QA examples for a ``...ForQuestionAnswering`` model (right padding)."""
 
-    def __init__(self, tokenizer, max_length: int = 384, stride: int = 128, max_answer_tokens: int = 30):
+    def __init__(self, tokenizer, max_length: int = 384, stride: int = 128, max_answer_tokens: int = 30,
+                 mt_tokenizer=None, mt_lang: str | None = None):
         if not tokenizer.is_fast:
             raise ValueError("The span head needs a fast tokenizer (offset mappings).")
         self.tokenizer = tokenizer
@@ -25,6 +26,7 @@ class SpanBatcher:
         self.kind = "encoder"
         self.qa = True
         self.labels = None
+        self.mt_tokenizer, self.mt_lang = mt_tokenizer, mt_lang  # FLARE MT: the MT encoder reads the target
 
     def features(self, examples: list[dict]):
         return self.tokenizer(
@@ -73,7 +75,12 @@ class SpanBatcher:
             batch["_rows"] = rows
             batch["_offsets"] = enc["offset_mapping"]
             batch["_sequence_ids"] = [enc.sequence_ids(f) for f in range(len(rows))]
-        if english is not None:
+        if self.mt_tokenizer is not None:
+            self.mt_tokenizer.src_lang = self.mt_lang
+            mt = self.mt_tokenizer([f"{ex['question']}\n{ex['context']}" for ex in examples], truncation=True,
+                                   max_length=self.max_length, padding=True, return_tensors="pt")
+            batch["mt_input_ids"], batch["mt_attention_mask"] = mt["input_ids"][rows], mt["attention_mask"][rows]
+        elif english is not None:
             batch.update(self._source(english, rows))
         return batch
 

@@ -1,0 +1,129 @@
+"""Every method of the paper on every model kind: input fusion, FLARE MT, X-Mixup, 4-bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft import get_peft_model
+
+from flare_exp.data import load_examples
+from flare_exp.data.collate import SEPARATOR, concatenate_inputs
+from flare_exp.flare import FlareConfig, get_flare_model
+from flare_exp.flare.mt import FlareMTModel, load_mt_encoder
+from flare_exp.models import load_base_model, load_tokenizer
+from flare_exp.pipeline import _lora_config, make_batcher, run
+from flare_exp.train import train_model
+from flare_exp.translate import build_tiny_nllb
+from flare_exp.xmixup import XMixupModel
+from test_pipeline import SMALL, make_cfg
+from test_translate_qa import qa_data  # noqa: F401  (fixture)
+
+METHODS = ["zero_shot", "translate_test", "lora", "input_fusion", "xmixup", "flare_mt", "flare"]
+TASK_ARGS = {
+    "demo": ["task=demo", "lang=dmb", "mt=gold"],
+    "tydiqa": ["task=tydiqa", "lang=sw", "mt=fake", "task.max_length=64", "task.stride=16", "task.max_new_tokens=6"],
+}
+
+
+@pytest.mark.parametrize("task", ["demo", "tydiqa"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert", "tiny-t5"])
+def test_every_method_end_to_end(tmp_path, qa_data, model, task):  # noqa: F811
+    common = [f"model={model}", *TASK_ARGS[task], f"data.dir={qa_data}", "++method.encoder=tiny",
+              *[o for o in SMALL if not o.startswith(("task=", "mt="))]]
+    metric = "exact_match" if task == "tydiqa" else "accuracy"
+    for method in METHODS:
+        result = run(make_cfg([*common, f"method={method}"], tmp_path))
+        metrics = result["metrics"]
+        assert result["method"] == method
+        assert metrics["n"] == (12 if task == "tydiqa" else 24)
+        assert 0 <= metrics[metric] <= 1
+        path = tmp_path / "runs" / task / model / result["mt"] / method / result["lang"] / "seed100" / "results.json"
+        assert path.is_file()
+        if method not in ("zero_shot", "translate_test"):
+            assert result["stage2_train"]["steps"] >= 1
+
+
+def _demo_cfg(model, method, tmp_path, extra=()):
+    return make_cfg([f"model={model}", f"method={method}", "task=demo", "lang=dmb", "mt=gold", *extra], tmp_path)
+
+
+def test_input_fusion_feeds_both_texts(tmp_path):
+    cfg = _demo_cfg("tiny-bert", "input_fusion", tmp_path)
+    tokenizer = load_tokenizer(cfg.model, tmp_path)
+    batcher = make_batcher(cfg, tokenizer)
+    assert batcher.max_length == 2 * cfg.task.max_length
+    target, english = load_examples("demo", "dmb", "test")[:2], load_examples("demo", "en", "test")[:2]
+    fused = concatenate_inputs(target, english, ["text"], qa=False)
+    assert fused[0]["text"] == english[0]["text"] + SEPARATOR + target[0]["text"]
+    decoded = tokenizer.decode(batcher(fused)["input_ids"][0], skip_special_tokens=True)
+    assert english[0]["text"].split()[1] in decoded and target[0]["text"].split()[0] in decoded
+    qa = [{"id": "q", "question": "When?", "context": "Born in 1999.",
+           "answers": [{"text": "1999", "answer_start": 8}]}]
+    en = [{"id": "q", "question": "Lini?", "context": "Alizaliwa 1999.", "answers": []}]
+    (example,) = concatenate_inputs(qa, en, ["context", "question"], qa=True)
+    start = example["answers"][0]["answer_start"]
+    assert example["context"][start:start + 4] == "1999" and example["context"].startswith("Alizaliwa")
+
+
+def _stage1(cfg, tmp_path):
+    tokenizer = load_tokenizer(cfg.model, tmp_path)
+    base = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), torch.device("cpu"), tmp_path, cfg.seed)
+    return tokenizer, get_peft_model(base, _lora_config(cfg, None))
+
+
+def test_xmixup_ratio_stays_below_lambda0_and_trains(tmp_path):
+    cfg = _demo_cfg("tiny-llama", "xmixup", tmp_path)
+    tokenizer, stage1 = _stage1(cfg, tmp_path)
+    model = XMixupModel(get_peft_model(stage1.merge_and_unload(), _lora_config(cfg), adapter_name="stage2"),
+                        "stage2", layers=[0, 1], lambda0=0.5)
+    batcher = make_batcher(cfg, tokenizer)
+    batch = batcher(load_examples("demo", "dmb", "train")[:8], load_examples("demo", "en", "train")[:8])
+    model.train()
+    model(**batch).loss.backward()
+    assert sorted(model.last_ratios) == [0, 1]
+    for ratio in model.last_ratios.values():
+        assert bool((ratio > 0).all()) and bool((ratio < 0.5).all())
+    for name, param in model.mixers.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.requires_grad for p in model.mixers.parameters())
+
+
+def test_flare_mt_trains_the_projection_and_keeps_the_mt_encoder_frozen(tmp_path):
+    cfg = _demo_cfg("tiny-bert", "flare_mt", tmp_path, ["++method.encoder=tiny"])
+    tokenizer, stage1 = _stage1(cfg, tmp_path)
+    encoder, mt_tokenizer, width = load_mt_encoder(str(build_tiny_nllb(tmp_path / "nllb")), "cpu")
+    flare = get_flare_model(stage1, FlareConfig(target_modules=list(cfg.model.lora_targets)))
+    model = FlareMTModel(flare, encoder, width, flare.hf_model.config.hidden_size)
+    before = {n: p.detach().clone() for n, p in model.mt_encoder.named_parameters()}
+    batcher = make_batcher(cfg, tokenizer, mt_tokenizer=mt_tokenizer)
+    examples = load_examples("demo", "dmb", "train")[:32]
+    assert "mt_input_ids" in batcher(examples[:2])
+    train_cfg = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.0, "batch_size": 8, "grad_accum": 1, "epochs": 1,
+                                  "max_steps": 3, "warmup_ratio": 0.0, "gradient_checkpointing": False})
+    train_model(model, batcher, examples, None, train_cfg, seed=0, device="cpu", desc="flare_mt")
+    model.train()
+    model(**batcher(examples[:8])).loss.backward()
+    assert model.projection.weight.grad is not None and model.projection.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.mt_encoder.parameters())
+    for name, param in model.mt_encoder.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_4bit_stage2_flare_gives_every_lora_parameter_a_gradient(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    cfg = _demo_cfg("tiny-llama", "flare", tmp_path, ["model.quantization=nf4"])
+    tokenizer, stage1 = _stage1(cfg, tmp_path)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in stage1.modules())
+    flare = get_flare_model(stage1, FlareConfig(target_modules="all-linear"))
+    batcher = make_batcher(cfg, tokenizer)
+    targets, english = load_examples("demo", "dmb", "train")[:32], load_examples("demo", "en", "train")[:32]
+    train_cfg = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.0, "batch_size": 8, "grad_accum": 1, "epochs": 1,
+                                  "max_steps": 2, "warmup_ratio": 0.0, "gradient_checkpointing": False})
+    train_model(flare, batcher, targets, english, train_cfg, seed=0, device="cpu", desc="nf4 flare")
+    flare.train()
+    flare(**batcher(targets[:8], english[:8])).loss.backward()
+    lora = [(n, p) for n, p in flare.named_parameters() if ".flare." in n]
+    assert len(lora) == 2 * 7 * 2
+    for name, param in lora:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
