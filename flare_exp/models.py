@@ -97,15 +97,22 @@ def _package_model_dir(model_cfg: DictConfig, cache_dir: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model_cfg.name}-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    return save_once(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+
+
+def save_once(folder: Path, write) -> Path:
+    """Fill ``folder`` through ``write(staging_folder)`` and rename it into place, so that
+    concurrent jobs never see half of it; a job that loses the race keeps the winner's copy."""
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    write(staging)
     try:
-        staging.rename(target)
-    except OSError:  # another job converted it meanwhile
+        staging.rename(folder)
+    except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return folder
 
 
 def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None, pad_id: int, eos_id: int):
@@ -136,16 +143,8 @@ def _tiny_folder(model_cfg: DictConfig, tokenizer, labels, cache_dir: Path) -> P
     """A tiny model saved once, so that it can be loaded like any other (4-bit included)."""
     head = "qa" if labels is None else f"{len(labels)}"
     folder = cache_dir / "models" / f"{model_cfg.name}-v{len(tokenizer)}-{head}"
-    if not (folder / "config.json").is_file():
-        model = _tiny_model(model_cfg, len(tokenizer), labels, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        model.save_pretrained(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another job saved it meanwhile
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return save_once(folder, lambda staging: _tiny_model(
+        model_cfg, len(tokenizer), labels, tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(staging))
 
 
 def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.device, cache_dir: Path, seed: int):

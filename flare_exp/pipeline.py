@@ -23,7 +23,7 @@ from .data.qa import SpanBatcher
 from .data.collate import concatenate_inputs
 from .flare import FlareConfig, get_flare_model
 from .flare.mt import FlareMTModel, load_mt_encoder
-from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device
+from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device, save_once
 from .results import (POINTER, git_commit, method_label, run_dir, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
 from .train import predict, score, train_model
@@ -310,10 +310,7 @@ def _mt_encoder(cfg: DictConfig, device):
     """(encoder, tokenizer, width) of FLARE MT's MT model; ``tiny`` builds a random one offline."""
     path = cfg.method.encoder
     if path == "tiny":
-        folder = Path(cfg.output_dir) / "cache" / "models" / "tiny-nllb"
-        if not (folder / "config.json").is_file():
-            build_tiny_nllb(folder)
-        path = str(folder)
+        path = str(save_once(Path(cfg.output_dir) / "cache" / "models" / "tiny-nllb", build_tiny_nllb))
     return load_mt_encoder(path, device)
 
 
