@@ -4,10 +4,12 @@ Offline default main job: `python run.py experiment=demo` (make run).
 """
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from transformers.utils import logging as hf_logging
 
@@ -18,15 +20,21 @@ from flare_exp.pipeline import ConfigError, run
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hf_logging.set_verbosity_error()  # e.g. the expected "newly initialized classifier" report
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run(cfg, job_dir)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except BaseException:
+    except BaseException as error:
         job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "FAILED").write_text("this job raised; its log says why\n")
+        overrides = " ".join(hydra_cfg.overrides.task)
+        (job_dir / "FAILED").write_text(f"{overrides}\n{type(error).__name__}: {error}\n")
+        if hydra_cfg.mode == RunMode.MULTIRUN and isinstance(error, Exception):
+            # Recorded; the other jobs go on, and the sweep summary reports it (exit status 1).
+            traceback.print_exc()
+            return
+        if isinstance(error, (ConfigError, DataError)):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
         raise
 
 

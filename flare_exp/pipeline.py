@@ -26,7 +26,7 @@ from .flare.mt import FlareMTModel, load_mt_encoder
 from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device, save_once
 from .results import (POINTER, git_commit, method_label, run_dir, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
-from .train import predict, score, train_model
+from .train import Checkpoint, predict, score, train_model
 from .translate import (FakeTranslator, NLLBTranslator, build_tiny_nllb, cache_file, nllb_code, project_qa,
                         translate_examples, translation_quality)
 from .xmixup import XMixupModel
@@ -234,8 +234,9 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
             head = ["qa_outputs"] if cfg.task.type == "qa" else ["classifier"]
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base, _lora_config(cfg, head))
+        resume = Checkpoint(final.with_name(f".{final.name}.checkpoint"), int(cfg.train.checkpoint_every))
         stats = train_model(model, batcher, english_train, None, cfg.train, cfg.seed, device,
-                            desc=f"stage 1 {cfg.task.name} en")
+                            desc=f"stage 1 {cfg.task.name} en", checkpoint=resume)
         english_test = _examples(cfg, "en", "test")
         rows = predict(model, batcher, english_test, None, cfg.train.eval_batch_size, device,
                        cfg.task.max_new_tokens, desc="stage 1 English test")
@@ -360,7 +361,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
                 targets = concatenate_inputs(targets, english, fields, batcher.qa)
             model = build_stage2(cfg, model, (mt[0], mt[2]) if mt else None)
             train_stats = train_model(model, batcher, targets, english if uses_english else None, cfg.train,
-                                      cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}")
+                                      cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}",
+                                      checkpoint=Checkpoint(out / "checkpoint", int(cfg.train.checkpoint_every)))
         test, english_test = test_pairs(cfg, translator)
         inputs = {"target": test, "english": english_test}.get(method.eval_input)
         if method.eval_input == "fused":

@@ -131,10 +131,20 @@ class SweepSummary(Callback):
         pointers = sorted(sweep.glob(f"*/{POINTER}"))
         results = [json.loads(p.read_text())["results"] for p in pointers]
         results = [r for r in results if r and Path(r).is_file()]
-        failed = len(list(sweep.glob("*/FAILED")))
+        failed = sorted(sweep.glob("*/FAILED"))
+        for marker in failed:
+            overrides, _, error = marker.read_text().partition("\n")
+            print(f"FAILED job {marker.parent.name} ({overrides}): {error.strip()}")
+        failed = len(failed)
         if not results:
             print(f"No finished runs in {sweep}.")
-            return
+        else:
+            self._report(config, sweep, results, failed)
+        if failed:
+            raise SystemExit(f"{failed} job(s) of the sweep failed; the others finished (see above).")
+
+    @staticmethod
+    def _report(config: DictConfig, sweep: Path, results: list, failed: int) -> None:
         frame = load_results(results)
         csv_path = sweep / "summary.csv"
         frame.to_csv(csv_path, index=False)

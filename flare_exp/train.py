@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -27,10 +30,59 @@ def _chunks(items: list, size: int):
         yield items[start:start + size]
 
 
+class Checkpoint:
+    """The resumable state of a training run in ``folder``: the trainable parameters
+    (safetensors), optimizer, scheduler and RNG states and the position in the data (written by
+    this job and read back only by it; ``weights_only`` loading, no arbitrary pickles)."""
+
+    def __init__(self, folder: Path | None, every: int):
+        self.folder, self.every = folder, every
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder is not None and self.every > 0
+
+    def save(self, model, optimizer, scheduler, position: dict) -> None:
+        if not self.enabled:
+            return
+        staging = self.folder.with_name(self.folder.name + ".writing")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(staging / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "position": position}, staging / "state.pt")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        staging.rename(self.folder)
+
+    def load(self, model, optimizer, scheduler) -> dict | None:
+        if not self.enabled or not (self.folder / "state.pt").is_file():
+            return None
+        weights = load_file(str(self.folder / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        state = torch.load(self.folder / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["position"]
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def train_model(model, batcher, targets: list[dict], english: list[dict] | None, train_cfg, seed: int,
-                device, desc: str) -> dict:
+                device, desc: str, checkpoint: Checkpoint | None = None) -> dict:
     """Train the trainable parameters of ``model`` on ``targets`` (paired with ``english`` for
-    FLARE). Returns the mean loss of the first and last epoch and the wall time."""
+    FLARE). Returns the mean loss of the first and last epoch and the wall time.
+
+    With a ``checkpoint``, the state is saved every ``checkpoint.every`` optimizer steps and a
+    restarted job (killed, pre-empted) resumes from it and ends as an uninterrupted one would.
+    """
+    checkpoint = checkpoint or Checkpoint(None, 0)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters.")
@@ -41,19 +93,23 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     if train_cfg.gradient_checkpointing:
         hf = getattr(model, "hf_model", None) or model.get_base_model()
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    position = checkpoint.load(model, optimizer, scheduler) or {
+        "step": 0, "epoch": 0, "group": 0, "epoch_losses": [], "epoch_means": []}
+    if position["step"]:
+        print(f"Resuming {desc} from its checkpoint at step {position['step']}/{total}.", flush=True)
     rng = random.Random(seed)
     order = list(range(len(targets)))
+    for _ in range(position["epoch"]):  # replay the shuffles of the finished epochs
+        rng.shuffle(order)
+    step, epoch_means = position["step"], position["epoch_means"]
     model.train()
-    losses: list[float] = []
-    epoch_means: list[float] = []
-    step = 0
     start = time.perf_counter()
-    with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True) as progress:
+    with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True) as progress:
         while step < total:
             rng.shuffle(order)
-            epoch_losses = []
+            epoch_losses = position["epoch_losses"] if position["group"] else []
             micro = list(_chunks(order, train_cfg.batch_size))
-            for group_start in range(0, len(micro), train_cfg.grad_accum):
+            for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
                 for indices in group:
                     batch = batcher([targets[i] for i in indices],
@@ -70,9 +126,15 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
                 progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
                 if step >= total:
                     break
+                if checkpoint.enabled and step % checkpoint.every == 0:
+                    checkpoint.save(model, optimizer, scheduler, {
+                        "step": step, "epoch": position["epoch"], "group": group_start + train_cfg.grad_accum,
+                        "epoch_losses": epoch_losses, "epoch_means": epoch_means})
             epoch_means.append(sum(epoch_losses) / len(epoch_losses))
-            losses.extend(epoch_losses)
+            position = {"step": step, "epoch": position["epoch"] + 1, "group": 0, "epoch_losses": [],
+                        "epoch_means": epoch_means}
     model.eval()
+    checkpoint.remove()
     return {"steps": step, "first_epoch_loss": epoch_means[0], "last_epoch_loss": epoch_means[-1],
             "train_seconds": time.perf_counter() - start}
 

@@ -149,3 +149,42 @@ def test_wandb_offline_run_is_written_inside_the_run_directory(tmp_path):
     run_path = tmp_path / "runs/demo/tiny-bert/gold/zero_shot/dma/seed100"
     assert list(run_path.glob("wandb/offline-run-*")), "no offline W&B run in the run directory"
     assert json.loads((run_path / "results.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
+    import signal
+    import time
+
+    args = ["model=tiny-bert", "lang=dma", "method=flare", "task=demo", "mt=gold", "data.max_train=160",
+            "data.max_test=24", "train.epochs=3", "train.batch_size=8", "train.lr=1e-3",
+            "train.checkpoint_every=2"]
+    reference = _run_py([*args, f"output_dir={tmp_path / 'straight'}"], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"output_dir={out}"], cwd=tmp_path,
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "runs/demo/tiny-bert/gold/flare/dma/seed100/checkpoint"
+    deadline = time.time() + 300
+    while not (checkpoint / "state.pt").is_file() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert checkpoint.is_dir()
+    resumed = _run_py([*args, f"output_dir={out}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming stage 2" in resumed.stdout
+    assert not checkpoint.exists()
+
+    def record(root):
+        path = root / "runs/demo/tiny-bert/gold/flare/dma/seed100"
+        result = json.loads((path / "results.json").read_text())
+        return result["metrics"], result["stage2_train"]["steps"], (path / "predictions.jsonl").read_text()
+
+    expected, got = record(tmp_path / "straight"), record(out)
+    assert got == expected
+    straight_loss = json.loads((tmp_path / "straight/runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").read_text())
+    killed_loss = json.loads((out / "runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").read_text())
+    assert killed_loss["stage2_train"]["last_epoch_loss"] == pytest.approx(straight_loss["stage2_train"]["last_epoch_loss"], abs=1e-6)
