@@ -188,3 +188,26 @@ def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
     straight_loss = json.loads((tmp_path / "straight/runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").read_text())
     killed_loss = json.loads((out / "runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").read_text())
     assert killed_loss["stage2_train"]["last_epoch_loss"] == pytest.approx(straight_loss["stage2_train"]["last_epoch_loss"], abs=1e-6)
+
+
+def test_two_job_sweep_through_submitit_local(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    done = _run_py(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "model=tiny-bert",
+                    "method=lora,flare", "lang=dma", *SMALL, f"output_dir={tmp_path}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(p.parts[-4] for p in tmp_path.glob("runs/demo/tiny-bert/gold/*/dma/seed100/results.json"))
+    assert results == ["flare", "lora"]
+    (summary,) = tmp_path.glob("sweeps/*/summary.csv")
+    assert len(summary.read_text().splitlines()) == 3  # header + two jobs
+    stage1 = [p for p in (tmp_path / "stage1/demo/tiny-bert").iterdir() if not p.name.endswith(".lock")]
+    assert len(stage1) == 1  # the two concurrent jobs shared one stage 1
+
+
+def test_failed_job_does_not_stop_the_sweep(tmp_path):
+    done = _run_py(["-m", "model=tiny-bert", "method=lora", "lang=dma,sw", *SMALL, f"output_dir={tmp_path}"],
+                   cwd=tmp_path)
+    assert done.returncode == 1
+    assert "FAILED job 1" in done.stdout and "no language 'sw'" in done.stdout
+    assert (tmp_path / "runs/demo/tiny-bert/gold/lora/dma/seed100/results.json").is_file()
+    (summary,) = tmp_path.glob("sweeps/*/summary.csv")
+    assert "dma" in summary.read_text()
