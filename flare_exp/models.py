@@ -49,7 +49,9 @@ def model_in_local_cache(repo_id: str) -> bool:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per data-parallel process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 
 
@@ -119,12 +121,15 @@ def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None
     from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, LlamaConfig,
                               LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
+    # No dropout: tiny models serve tests, which compare runs (one process against several, a
+    # killed run against an uninterrupted one) number for number.
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if model_cfg.architecture == "bert":
             config = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4, pad_token_id=pad_id,
-                                num_labels=len(labels) if labels else 2, max_position_embeddings=512)
+                                num_labels=len(labels) if labels else 2, max_position_embeddings=512,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
             return BertForSequenceClassification(config) if labels else BertForQuestionAnswering(config)
         if model_cfg.architecture == "llama":
             config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
@@ -134,7 +139,7 @@ def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None
         if model_cfg.architecture == "t5":
             config = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                               num_decoder_layers=2, num_heads=4, pad_token_id=pad_id, eos_token_id=eos_id,
-                              decoder_start_token_id=pad_id, feed_forward_proj="gated-gelu")
+                              decoder_start_token_id=pad_id, feed_forward_proj="gated-gelu", dropout_rate=0.0)
             return T5ForConditionalGeneration(config)
     raise ValueError(f"Unknown tiny architecture {model_cfg.architecture!r} (bert, llama or t5).")
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from . import distributed
 from .data import Batcher, load_examples
 from .data.qa import SpanBatcher
 from .data.collate import concatenate_inputs
@@ -220,13 +221,17 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
     """The stage-1 adapter directory, trained now unless cached.
 
     Concurrent jobs wait on a file lock, so exactly one trains; the adapter is written to a
-    staging folder and renamed into place, so no reader sees half of it.
+    staging folder and renamed into place, so no reader sees half of it. Under data parallel,
+    rank 0 holds the lock and decides, every rank trains, rank 0 writes.
     """
     final = stage1_dir(cfg)
-    with _file_lock(final.with_name(final.name + ".lock")):
-        if (final / "stage1.json").is_file():
+    world, rank = distributed.world()
+    lock = _file_lock(final.with_name(final.name + ".lock")) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        if distributed.broadcast((final / "stage1.json").is_file()):
             return final
-        print(f"Training stage 1 -> {final}", flush=True)
+        if rank == 0:
+            print(f"Training stage 1 -> {final}", flush=True)
         english_train = _examples(cfg, "en", "train")
         base = _load_base(cfg, tokenizer, device)
         head = None
@@ -237,17 +242,19 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
         resume = Checkpoint(final.with_name(f".{final.name}.checkpoint"), int(cfg.train.checkpoint_every))
         stats = train_model(model, batcher, english_train, None, cfg.train, cfg.seed, device,
                             desc=f"stage 1 {cfg.task.name} en", checkpoint=resume)
-        english_test = _examples(cfg, "en", "test")
-        rows = predict(model, batcher, english_test, None, cfg.train.eval_batch_size, device,
-                       cfg.task.max_new_tokens, desc="stage 1 English test")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-        model.save_pretrained(staging)  # safetensors
-        write_json_atomic(staging / "stage1.json", {"train": stats, "english_test": score(rows, batcher),
-                                                    "key": stage1_key(cfg)})
-        if final.exists():  # a broken earlier attempt: no stage1.json inside
-            shutil.rmtree(final)
-        staging.rename(final)
+        if rank == 0:
+            english_test = _examples(cfg, "en", "test")
+            rows = predict(model, batcher, english_test, None, cfg.train.eval_batch_size, device,
+                           cfg.task.max_new_tokens, desc="stage 1 English test")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+            model.save_pretrained(staging)  # safetensors
+            write_json_atomic(staging / "stage1.json", {"train": stats, "english_test": score(rows, batcher),
+                                                        "key": stage1_key(cfg)})
+            if final.exists():  # a broken earlier attempt: no stage1.json inside
+                shutil.rmtree(final)
+            staging.rename(final)
+        distributed.barrier()
         return final
 
 
@@ -342,6 +349,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
         return result
 
     started = time.perf_counter()
+    _, rank = distributed.setup()
     device = pick_device(cfg.device)
     cache = Path(cfg.output_dir) / "cache"
     tokenizer = load_tokenizer(cfg.model, cache)
@@ -354,7 +362,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     batcher = make_batcher(cfg, tokenizer, mt_tokenizer=mt[1] if mt else None)
     uses_english = method.stage2 in ("flare", "xmixup")  # the English source in the model's forward
     fields, train_stats, data_info = list(cfg.task.fields), None, {}
-    with tracker(cfg, out) as wandb_run:
+    with tracker(cfg, out, enabled=rank == 0) as wandb_run:
         if method.stage2 != "none":
             targets, english, data_info = training_pairs(cfg, translator)
             if method.eval_input == "fused":
@@ -364,6 +372,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
                                       cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}",
                                       checkpoint=Checkpoint(out / "checkpoint", int(cfg.train.checkpoint_every)))
         test, english_test = test_pairs(cfg, translator)
+        if rank:
+            return None
         inputs = {"target": test, "english": english_test}.get(method.eval_input)
         if method.eval_input == "fused":
             inputs = concatenate_inputs(test, english_test, fields, batcher.qa)

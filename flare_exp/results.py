@@ -76,9 +76,9 @@ def summary_line(result: dict) -> str:
 
 
 @contextmanager
-def tracker(cfg: DictConfig, directory: Path):
+def tracker(cfg: DictConfig, directory: Path, enabled: bool = True):
     """A W&B run mirroring this run (``tracking.mode``), always closed, even on failure."""
-    if cfg.tracking.mode == "disabled":
+    if cfg.tracking.mode == "disabled" or not enabled:
         yield None
         return
     import wandb

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from . import distributed
 from .metrics import classification_metrics, parse_label, qa_metrics
 
 
@@ -28,6 +29,16 @@ def _to(batch: dict, device) -> dict:
 def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
 
 
 class Checkpoint:
@@ -83,6 +94,16 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     restarted job (killed, pre-empted) resumes from it and ends as an uninterrupted one would.
     """
     checkpoint = checkpoint or Checkpoint(None, 0)
+    world, rank = distributed.world()
+    runner = model
+    if world > 1:
+        # Data parallel (torchrun / accelerate launch): each rank runs its share of every batch,
+        # the source pass included, and DDP averages the gradients.
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model)
+        if rank:
+            checkpoint = Checkpoint(None, 0)  # rank 0 writes it
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters.")
@@ -112,11 +133,12 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
                 for indices in group:
+                    indices = indices[rank::world]
                     batch = batcher([targets[i] for i in indices],
                                     [english[i] for i in indices] if english is not None else None)
-                    loss = model(**_to(batch, device)).loss / len(group)
+                    loss = runner(**_to(batch, device)).loss / len(group)
                     loss.backward()
-                    epoch_losses.append(loss.item() * len(group))
+                    epoch_losses.append(_mean_over_ranks(loss.detach(), world) * len(group))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
