@@ -13,7 +13,7 @@ LAUNCHER ?= local
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slow bench clean
+.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slurm test-slow bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,10 @@ wandb-sync: $(STAMP) ## Upload offline W&B runs found under outputs/runs (needs 
 
 test: $(STAMP) ## Run the test suite (CPU, offline, under 10 minutes)
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slurm: $(STAMP) ## Start a single-node SLURM here (root, Debian) and run the SLURM tests
+	bash scripts/slurm/start_single_node.sh
+	$(OFFLINE) PATH=$(CURDIR)/scripts/slurm/bin:$$PATH $(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## Run the longer checks too
 	$(OFFLINE) $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)

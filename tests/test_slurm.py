@@ -1,0 +1,73 @@
+"""Sweeps through the real `slurm` launcher config on a single-node SLURM cluster
+(scripts/slurm/start_single_node.sh; .ci/run starts it and runs these with `make test-slurm`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIM = ROOT / "scripts" / "slurm" / "bin"
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(not _cluster_up(), reason="no SLURM cluster here: bash scripts/slurm/start_single_node.sh"),
+]
+LAUNCH = ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
+          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
+          "model=tiny-bert", "task=demo", "mt=gold", "lang=dma", "data.max_test=24", "train.batch_size=16"]
+
+
+def _env():
+    return dict(os.environ, PATH=f"{SHIM}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                WANDB_MODE="disabled")
+
+
+def test_two_job_array_through_the_slurm_launcher(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=lora,flare", "data.max_train=48",
+                           "train.epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Submitit 'slurm'" in done.stderr + done.stdout
+    finished = sorted(p.parts[-4] for p in tmp_path.glob("runs/demo/tiny-bert/gold/*/dma/seed100/results.json"))
+    assert finished == ["flare", "lora"]
+    (summary,) = tmp_path.glob("sweeps/*/summary.csv")
+    assert len(summary.read_text().splitlines()) == 3
+    assert list(tmp_path.glob("sweeps/*/.submitit/*_1"))  # it really was a job array
+
+
+def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
+    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=zero_shot,flare",
+                            "train.epochs=40", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 600
+    while killed is None and time.time() < deadline and job.poll() is None:
+        time.sleep(1)
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+        running = [line.split()[0] for line in queue.splitlines() if line.endswith("RUNNING")]
+        flare = [j for j in running if j.endswith("_1")]
+        if flare and (tmp_path / "runs/demo/tiny-bert/gold/zero_shot/dma/seed100/results.json").is_file():
+            killed = flare[0]
+            subprocess.run(["scancel", killed], check=True)
+    assert killed, "the FLARE job never ran long enough to be killed"
+    output, _ = job.communicate(timeout=300)  # bounded: the dead job is seen, not waited on
+    assert job.returncode == 1, output[-3000:]
+    assert f"SLURM job {killed}" in output and "CANCELLED" in output
+    assert "1 job(s) of the sweep failed" in output
+    assert (tmp_path / "runs/demo/tiny-bert/gold/zero_shot/dma/seed100/results.json").is_file()
+    assert not (tmp_path / "runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").exists()
