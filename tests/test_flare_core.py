@@ -247,7 +247,7 @@ def test_gradients_identical_under_gradient_checkpointing(family, reentrant):
                 gradient_checkpointing_kwargs={"use_reentrant": reentrant}
             )
             flare.hf_model.enable_input_require_grads()
-            assert flare.hf_model.is_gradient_checkpointing
+            assert flare.hf_model.is_activation_checkpointing
         recorded = []
         record = flare.state.record
         flare.state.record = lambda layer, x: (recorded.append(x), record(layer, x))

@@ -36,6 +36,13 @@ def disable_cpu_bf16_repack(model: nn.Module) -> int:
     return count
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on; the property's name changed in
+    transformers 5."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
 def _is_quantized(model: nn.Module) -> bool:
     linear4bit = _linear4bit_class()
     return linear4bit is not None and any(isinstance(m, linear4bit[0]) for m in model.modules())
@@ -130,9 +137,7 @@ class FlareModel(nn.Module):
     def _keep_state_for_backward(self) -> bool:
         # Gradient checkpointing re-runs layers during backward: they must still find their
         # source then (spec D3). The state is replaced by the next call in any case.
-        return self.training and torch.is_grad_enabled() and bool(
-            getattr(self.hf_model, "is_gradient_checkpointing", False)
-        )
+        return self.training and torch.is_grad_enabled() and _checkpointing(self.hf_model)
 
     # -- forward and generate --------------------------------------------------------------
     def forward(
