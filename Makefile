@@ -13,7 +13,7 @@ LAUNCHER ?= local
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slurm test-slow bench clean
+.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slurm test-slow bench bench-flare clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -59,7 +59,10 @@ test-slurm: $(STAMP) ## Start a single-node SLURM here (root, Debian) and run th
 test-slow: $(STAMP) ## Run the longer checks too
 	$(OFFLINE) $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-bench: $(STAMP) ## FLARE vs LoRA training-step time and peak memory, side by side
+bench: $(STAMP) ## The cost of every method, side by side, as ratios to LoRA (scripts/bench.py)
+	$(OFFLINE) $(PY) scripts/bench.py
+
+bench-flare: $(STAMP) ## FLARE vs LoRA training-step time and peak memory only
 	$(OFFLINE) $(PY) scripts/bench_flare.py
 
 clean: ## Remove caches (keeps .venv and outputs/)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import importlib.util
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +28,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from flare_exp.flare import FlareConfig, get_flare_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import Memory  # noqa: E402
 
 
 def load_model(name: str):
@@ -49,39 +52,6 @@ def load_model(name: str):
         num_attention_heads=8, num_key_value_heads=4, pad_token_id=0,
     )
     return LlamaForCausalLM(config)
-
-
-class Memory:
-    """Peak memory of a region of code (bytes)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if not self.cuda:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD fixed: big buffers return to the OS
-            self.libc = libc
-
-    @staticmethod
-    def _status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
-
-    def start(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-        self.libc.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-        return self._status("VmRSS")
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return self._status("VmHWM")
 
 
 def make_batch(batch: int, length: int, vocab: int, seed: int, device):
