@@ -62,10 +62,14 @@ def validate(cfg: DictConfig) -> None:
                           f"{_choices('model')}.")
     hub_model = model.source == "hub" and not model_in_local_cache(model.path)
     hub_data = not task.local and not cfg.data.dir
-    hub_mt = bool(mt.get("model")) and not model_in_local_cache(mt.model)
+    translates = needs_english or method.stage2 != "none"
+    mt_models = [mt.get("model")] if translates and mt.get("model") else []
+    if method.stage2 == "flare_mt" and method.encoder != "tiny":
+        mt_models.append(method.encoder)
+    hub_mt = [m for m in mt_models if not model_in_local_cache(m)]
     if (hub_model or hub_data or hub_mt) and not hub_reachable():
         needs = [f"model {model.path}"] * hub_model + [f"task {task.name} data"] * hub_data
-        needs += [f"MT model {mt.get('model')}"] * hub_mt
+        needs += [f"MT model {m}" for m in hub_mt]
         raise ConfigError(
             f"The Hugging Face hub cannot be reached and this run needs it ({', '.join(needs)}): "
             "run the offline demo with `python run.py experiment=demo` (make run), or point "
@@ -134,11 +138,14 @@ def training_pairs(cfg: DictConfig, translator) -> tuple[list[dict], list[dict],
     return [{**ex, **t} for ex, t in zip(english, translated)], english, {}
 
 
-def test_pairs(cfg: DictConfig, translator) -> tuple[list[dict], list[dict]]:
-    """The target test set and its English version: human (``mt=gold``) or translate-test."""
+def test_pairs(cfg: DictConfig, translator, english: bool = True) -> tuple[list[dict], list[dict] | None]:
+    """The target test set and its English version (human under ``mt=gold``, else
+    translate-test), or None where ``english`` is not needed."""
     if cfg.mt.name == "gold":
         return _paired(cfg, cfg.lang.code, "test")
     test = _examples(cfg, cfg.lang.code, "test")
+    if not english:
+        return test, None
     translated = translate_examples(test, list(cfg.task.fields), nllb_code(cfg.lang), "eng_Latn", translator,
                                     _cache(cfg, "test", "x-en", translator), cfg.mt.batch_size,
                                     desc=f"translate-test {cfg.lang.code}->en")
@@ -371,7 +378,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             train_stats = train_model(model, batcher, targets, english if uses_english else None, cfg.train,
                                       cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}",
                                       checkpoint=Checkpoint(out / "checkpoint", int(cfg.train.checkpoint_every)))
-        test, english_test = test_pairs(cfg, translator)
+        needs_english = uses_english or method.eval_input in ("english", "fused")
+        test, english_test = test_pairs(cfg, translator, english=needs_english)
         if rank:
             return None
         inputs = {"target": test, "english": english_test}.get(method.eval_input)
