@@ -60,6 +60,9 @@ def validate(cfg: DictConfig) -> None:
     if model.kind not in ("encoder", "decoder", "encoder_decoder"):
         raise ConfigError(f"Model {model.name} of kind {model.kind!r} cannot run yet; choose model from "
                           f"{_choices('model')}.")
+    expected_format = "head" if model.kind == "encoder" else "plain"
+    if model.get("prompt_format", expected_format) != expected_format:
+        raise ConfigError(f"Model {model.name} ({model.kind}) supports prompt_format={expected_format} only.")
     hub_model = model.source == "hub" and not model_in_local_cache(model.path)
     hub_data = not task.local and not cfg.data.dir
     translates = needs_english or method.stage2 != "none"

@@ -211,3 +211,12 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
     assert (tmp_path / "runs/demo/tiny-bert/gold/lora/dma/seed100/results.json").is_file()
     (summary,) = tmp_path.glob("sweeps/*/summary.csv")
     assert "dma" in summary.read_text()
+
+
+def test_every_model_config_states_its_adapter_layout():
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        cfg = make_cfg([f"model={path.stem}"]).model
+        for key in ("lora_targets", "fuse_modules", "padding_side", "quantization", "prompt_format"):
+            assert key in cfg, f"{path.name} lacks {key}"
+        assert cfg.prompt_format == ("head" if cfg.kind == "encoder" else "plain")
+        assert cfg.padding_side == ("left" if cfg.kind == "decoder" else "right")
