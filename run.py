@@ -5,6 +5,7 @@ Offline default main job: `python run.py experiment=demo` (make run).
 
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -15,6 +16,10 @@ from transformers.utils import logging as hf_logging
 
 from flare_exp.data import DataError
 from flare_exp.pipeline import ConfigError, run
+
+
+# peft 0.21 still asks transformers 5 for the deprecated `is_gradient_checkpointing`.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
