@@ -17,6 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .paper_results import METHODS
+
 POINTER = "run.json"  # written into Hydra's job folder: where this job's results went
 METHOD_DEFAULTS = {"fusion": "add_relu", "alignment": "position", "mask_source_padding": True, "heads": 1}
 
@@ -114,8 +116,7 @@ def load_results(paths) -> "pandas.DataFrame":  # noqa: F821
 def format_table(frame, metric: str) -> str:
     """Methods x languages (mean over seeds), in percent, as a small text table."""
     pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
-    order = ["zero_shot", "translate_test", "lora", "xmixup", "input_fusion", "flare_mt", "flare"]
-    pivot = pivot.reindex(sorted(pivot.index, key=lambda m: (order.index(m) if m in order else 99, m)))
+    pivot = pivot.reindex(sorted(pivot.index, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)))
     english = frame["english_score"].dropna()
     lines = [pivot.round(2).to_string()]
     if len(english):
