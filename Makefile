@@ -62,8 +62,8 @@ test-slow: $(STAMP) ## Run the longer checks too
 bench: $(STAMP) ## The cost of every method, side by side, as ratios to LoRA (scripts/bench.py)
 	$(OFFLINE) $(PY) scripts/bench.py
 
-bench-flare: $(STAMP) ## FLARE vs LoRA training-step time and peak memory only
-	$(OFFLINE) $(PY) scripts/bench_flare.py
+bench-flare: $(STAMP) ## The short check: LoRA and FLARE add / add_relu / mul only
+	$(OFFLINE) $(PY) scripts/bench.py --methods lora,flare-add_relu,flare-add,flare-mul --no-pipeline
 
 clean: ## Remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache build *.egg-info

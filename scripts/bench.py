@@ -16,7 +16,6 @@ translation-cache reads and the reuse of a cached stage 1.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import Memory  # noqa: E402
@@ -41,37 +41,56 @@ from flare_exp.xmixup import XMixupModel  # noqa: E402
 ALL_METHODS = ["lora", *[f"flare-{f}" for f in FUSIONS if f != "none"], "flare_mt", "input_fusion", "xmixup"]
 
 
-def load_model(name: str):
-    """(model, kind) for ``tiny``, ``smollm2`` or ``minilm``."""
+def load_model(name: str, dtype: torch.dtype, quantization: str, device: torch.device):
+    """(fresh, kind): ``fresh()`` returns a new frozen copy of ``tiny``, ``smollm2`` or ``minilm``.
+
+    Every method gets its own copy. NF4 copies are loaded 4-bit from a float folder (the tiny
+    model is saved to a temporary one first) exactly as the pipeline loads them.
+    """
     from omegaconf import OmegaConf
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig,
+                              LlamaConfig, LlamaForCausalLM)
 
-    if name == "tiny":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=4, pad_token_id=0)), "decoder"
+    from flare_exp.flare import disable_cpu_bf16_repack
     from flare_exp.models import _package_model_dir
 
-    root = Path(__file__).resolve().parent.parent
-    cfg = OmegaConf.load(root / "conf" / "model" / f"{'smollm2-135m' if name == 'smollm2' else 'minilm'}.yaml")
-    folder = _package_model_dir(cfg, root / "outputs" / "cache")
-    if name == "smollm2":
-        from transformers import AutoModelForCausalLM
+    kind = "encoder" if name == "minilm" else "decoder"
+    auto = AutoModelForSequenceClassification if kind == "encoder" else AutoModelForCausalLM
+    extra = {"num_labels": 3} if kind == "encoder" else {}
+    if name == "tiny":
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(
+            vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=4, pad_token_id=0))
+        folder = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
+        base.save_pretrained(folder)
+    else:
+        root = Path(__file__).resolve().parent.parent
+        cfg = OmegaConf.load(root / "conf" / "model" / f"{'smollm2-135m' if name == 'smollm2' else 'minilm'}.yaml")
+        folder = _package_model_dir(cfg, root / "outputs" / "cache")
+    if quantization == "nf4":
+        kwargs = {"dtype": dtype, "device_map": {"": str(device)}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)}
+    else:
+        kwargs = {"dtype": dtype}
 
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), "decoder"
-    from transformers import AutoModelForSequenceClassification
+    def fresh():
+        torch.manual_seed(0)  # the same classification head for every method
+        model = auto.from_pretrained(folder, **kwargs, **extra)
+        if quantization != "nf4":
+            model = model.to(device)
+        disable_cpu_bf16_repack(model)
+        model.config.use_cache = True
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
 
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3), "encoder"
+    return fresh, kind
 
 
-def build(method: str, base, kind: str, device, mt_encoder):
+def build(method: str, model, kind: str, mt_encoder):
     targets = "all-linear" if kind == "decoder" else ["query", "value"]
-    model = copy.deepcopy(base)
-    for p in model.parameters():
-        p.requires_grad_(False)
     if method.startswith("flare-"):
         return get_flare_model(model, FlareConfig(fusion=method.split("-", 1)[1], target_modules=targets))
     if method == "flare_mt":
@@ -100,6 +119,34 @@ def batch_for(method: str, kind: str, batch: int, length: int, vocab: int, mt_vo
     return out
 
 
+def check_targets(result: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured, holds) for the cost targets that the methods in ``result`` allow."""
+    rows, methods = [], result["methods"]
+    cheap = [m for m in ("flare-add", "flare-add_relu", "flare-mul") if m in methods]
+    flare = [m for m in methods if m.startswith("flare-")]
+
+    def row(name, key, methods_, limit, fmt="{:.2f}"):
+        values = [methods[m][key] for m in methods_]
+        measured = ", ".join(f"{m.removeprefix('flare-')} " + fmt.format(v) for m, v in zip(methods_, values))
+        rows.append((name, measured, all(v <= limit for v in values)))
+
+    if cheap:
+        row("FLARE add / add_relu / mul: train step <= 1.40 x LoRA", "ratio_train", cheap, 1.40)
+        row("FLARE add / add_relu / mul: peak memory <= 1.25 x LoRA", "ratio_peak", cheap, 1.25)
+        row("FLARE add / add_relu / mul: 0 extra parameters", "extra_params", cheap, 0, "{:,}")
+    if flare:
+        row("FLARE evaluation <= 2.1 x LoRA per example", "ratio_eval", flare, 2.1)
+    if "flare_mt" in methods:
+        row("FLARE MT <= 1.15 x LoRA beyond the MT encoder's forward", "ratio_train_beyond_mt_encoder",
+            ["flare_mt"], 1.15)
+    pipeline = result.get("pipeline")
+    if pipeline:
+        share = pipeline["data_share_of_flare_step"]
+        rows.append(("data loading (spread over an epoch's batches) and collation under 5% of a FLARE step",
+                     f"{100 * share:.2f}%", share < 0.05))
+    return rows
+
+
 def timed(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -110,7 +157,7 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_timings(step_seconds: float) -> dict:
+def pipeline_timings(step_seconds: float, batch: int) -> dict:
     """Collation, translation-cache reads and stage-1 reuse, from the real pipeline code."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -129,17 +176,22 @@ def pipeline_timings(step_seconds: float) -> dict:
             "data.max_train=64", "data.max_test=16", "train.epochs=1", "train.batch_size=16"])
     tokenizer = load_tokenizer(cfg.model, work)
     batcher = make_batcher(cfg, tokenizer)
-    targets, english = load_examples("demo", "dmb", "train")[:16], load_examples("demo", "en", "train")[:16]
-    collate = statistics.median(timed(lambda: batcher(targets, english), torch.device("cpu")) for _ in range(20))
+    cpu = torch.device("cpu")
+    load = statistics.median(timed(lambda: (load_examples("demo", "dmb", "train"), load_examples("demo", "en", "train")),
+                                   cpu) for _ in range(3))
+    targets, english = load_examples("demo", "dmb", "train"), load_examples("demo", "en", "train")
+    batches = -(-len(targets) // batch)
+    collate = statistics.median(timed(lambda: batcher(targets[:batch], english[:batch]), cpu) for _ in range(20))
     examples = [{"id": str(i), "text": f"sentence {i} " * 12} for i in range(2000)]
     cache = work / "cache.jsonl"
     translate_examples(examples, ["text"], "eng_Latn", "swh_Latn", FakeTranslator(), cache, 256)
-    read = timed(lambda: translate_examples(examples, ["text"], "eng_Latn", "swh_Latn", FakeTranslator(), cache),
-                 torch.device("cpu"))
+    read = timed(lambda: translate_examples(examples, ["text"], "eng_Latn", "swh_Latn", FakeTranslator(), cache), cpu)
     stage1_batcher = make_batcher(cfg, tokenizer, plain=True)
-    first = timed(lambda: ensure_stage1(cfg, tokenizer, stage1_batcher, torch.device("cpu")), torch.device("cpu"))
-    again = timed(lambda: ensure_stage1(cfg, tokenizer, stage1_batcher, torch.device("cpu")), torch.device("cpu"))
-    return {"collate_batch16_s": collate, "collate_share_of_flare_step": collate / step_seconds,
+    first = timed(lambda: ensure_stage1(cfg, tokenizer, stage1_batcher, cpu), cpu)
+    again = timed(lambda: ensure_stage1(cfg, tokenizer, stage1_batcher, cpu), cpu)
+    return {"load_train_split_s": load, "batches_per_epoch": batches, "collate_batch_s": collate,
+            "collate_share_of_flare_step": collate / step_seconds,
+            "data_share_of_flare_step": (load / batches + collate) / step_seconds,
             "translation_cache_read_per_1000_s": read / 2, "stage1_first_s": first, "stage1_cached_s": again}
 
 
@@ -153,25 +205,40 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per method")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gen-tokens", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="base weights' dtype (NF4's compute dtype)")
+    parser.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                        help="nf4: 4-bit NF4 base weights through bitsandbytes")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in backward (X-Mixup does not support it)")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline timings")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, kind = load_model(args.model)
-    base.config.use_cache = True
+    fresh, kind = load_model(args.model, getattr(torch, args.dtype), args.quantization, device)
     methods = [m for m in args.methods.split(",") if m]
     if "lora" not in methods:
         methods.insert(0, "lora")
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+    if args.gradient_checkpointing and "xmixup" in methods:
+        parser.error("X-Mixup does not support gradient checkpointing; leave it out of --methods")
     mt_encoder, mt_vocab = None, 64
     if "flare_mt" in methods:
         encoder, tokenizer, width = load_mt_encoder(str(build_tiny_nllb(Path(tempfile.mkdtemp()) / "nllb")), device)
         mt_encoder, mt_vocab = (encoder, width), len(tokenizer)
-    models = {m: build(m, base, kind, device, mt_encoder).to(device) for m in methods}
+    models = {m: build(m, fresh(), kind, mt_encoder).to(device) for m in methods}
+    if args.gradient_checkpointing:
+        for model in models.values():
+            hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+            hf.config.use_cache = False
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizers = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad], lr=1e-4) for m in methods}
-    vocab = base.config.vocab_size
+    vocab = next(m for m in models["lora"].modules() if isinstance(m, PreTrainedModel)).config.vocab_size
     memory = Memory(device)
-    figures = {m: {"train": [], "above": [], "eval": [], "generate": [], "mt_encoder": []} for m in methods}
+    figures = {m: {"train": [], "above": [], "eval": [], "generate": [], "mt_encoder": [], "source_pass": []} for m in methods}
 
     for rep in range(args.warmup + args.reps):
         order = methods if rep % 2 == 0 else methods[::-1]
@@ -188,6 +255,11 @@ def main() -> None:
             before = memory.start()
             train = timed(step, device)
             above = memory.peak() - before
+            if method.startswith("flare-"):  # the extra forward alone, as the training step runs it
+                model.train()
+                source = timed(lambda: model._source_pass(batch["source_input_ids"], batch["source_attention_mask"]),
+                               device)
+                model.state.clear()
             model.eval()
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             with torch.no_grad():
@@ -208,11 +280,15 @@ def main() -> None:
                     f["generate"].append(generation / args.batch)
                 if encoder is not None:
                     f["mt_encoder"].append(encoder)
+                if method.startswith("flare-"):
+                    f["source_pass"].append(source)
         print(f"repetition {rep + 1}/{args.warmup + args.reps} done", flush=True)
 
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
               f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-              "model": args.model, "batch": args.batch, "length": args.length, "reps": args.reps, "methods": {}}
+              "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
+              "gradient_checkpointing": args.gradient_checkpointing, "batch": args.batch, "length": args.length,
+              "reps": args.reps, "torch": torch.__version__, "methods": {}}
     for method in methods:
         f, model = figures[method], models[method]
         state = [t for s in optimizers[method].state.values() for t in s.values() if torch.is_tensor(t)]
@@ -225,6 +301,8 @@ def main() -> None:
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         if f["mt_encoder"]:
             row["mt_encoder_forward_s"] = statistics.median(f["mt_encoder"])
+        if f["source_pass"]:
+            row["source_pass_s"] = statistics.median(f["source_pass"])
         result["methods"][method] = row
     lora = result["methods"]["lora"]
     for method, row in result["methods"].items():
@@ -234,30 +312,54 @@ def main() -> None:
         row["extra_params"] = row["trainable_params"] - lora["trainable_params"]
         if row.get("generate_per_example_s") and lora.get("generate_per_example_s"):
             row["ratio_generate"] = row["generate_per_example_s"] / lora["generate_per_example_s"]
+        paired = [t / l for t, l in zip(figures[method]["train"], figures["lora"]["train"])]
+        row["ratio_train_range"] = [min(paired), max(paired)]  # repetition by repetition
+        if "source_pass_s" in row:
+            row["ratio_source_pass"] = row["source_pass_s"] / lora["train_step_s"]
+            # LoRA's evaluation forward of a batch: a full no-grad forward, LM head included.
+            row["source_pass_vs_full_forward"] = row["source_pass_s"] / (lora["eval_per_example_s"] * args.batch)
+            row["ratio_train_beyond_source_pass"] = (row["train_step_s"] - row["source_pass_s"]) / lora["train_step_s"]
         if "mt_encoder_forward_s" in row:
             row["ratio_train_beyond_mt_encoder"] = (row["train_step_s"] - row["mt_encoder_forward_s"]) / lora["train_step_s"]
     flare_steps = [r["train_step_s"] for m, r in result["methods"].items() if m.startswith("flare-")]
-    if not args.no_pipeline and flare_steps and device.type == "cpu":
-        result["pipeline"] = pipeline_timings(statistics.median(flare_steps))
+    if not args.no_pipeline and flare_steps:
+        result["pipeline"] = pipeline_timings(statistics.median(flare_steps), args.batch)
 
-    lines = [f"Device: {result['device']}; model {args.model}; batch {args.batch} x {args.length} tokens; "
-             f"medians of {args.reps} interleaved repetitions.", "",
-             "| method | train step (s) | × LoRA | eval / example (ms) | × LoRA | generate / example (ms) | × LoRA "
-             "| tokens/s | peak (MB) | × LoRA | trainable params | extra |", "|" + "---|" * 12]
+    setting = f"{args.dtype}{', NF4' if args.quantization == 'nf4' else ''}" + (
+        ", gradient checkpointing" if args.gradient_checkpointing else "")
+    lines = [f"Device: {result['device']}; model {args.model} ({setting}); batch {args.batch} x {args.length} "
+             f"tokens; medians of {args.reps} interleaved repetitions.", "",
+             "| method | train step (s) | × LoRA (range) | extra forward × LoRA step | eval / example (ms) | × LoRA "
+             "| generate / example (ms) | × LoRA | tokens/s | peak (MB) | × LoRA | trainable params | extra |",
+             "|" + "---|" * 13]
     for method, r in result["methods"].items():
         gen = r.get("generate_per_example_s")
+        extra = r.get("source_pass_s", r.get("mt_encoder_forward_s"))
+        extra = "–" if extra is None else f"{extra / lora['train_step_s']:.2f}"
         lines.append(
-            f"| {method} | {r['train_step_s']:.3f} | {r['ratio_train']:.2f} | {1000 * r['eval_per_example_s']:.1f} | "
-            f"{r['ratio_eval']:.2f} | {'–' if gen is None else f'{1000 * gen:.1f}'} | "
+            f"| {method} | {r['train_step_s']:.3f} | {r['ratio_train']:.2f} "
+            f"({r['ratio_train_range'][0]:.2f}–{r['ratio_train_range'][1]:.2f}) | {extra} | "
+            f"{1000 * r['eval_per_example_s']:.1f} | {r['ratio_eval']:.2f} | {'–' if gen is None else f'{1000 * gen:.1f}'} | "
             f"{r.get('ratio_generate', float('nan')):.2f} | {r['tokens_per_s']:.0f} | {r['peak_mb']:.0f} | "
             f"{r['ratio_peak']:.2f} | {r['trainable_params']:,} | {r['extra_params']:,} |")
+    pipeline = result.get("pipeline")
+    if pipeline:
+        lines += ["", f"Pipeline: loading the demo training split (target and English) {1000 * pipeline['load_train_split_s']:.1f} ms "
+                  f"({pipeline['batches_per_epoch']} batches); collating one FLARE batch of {args.batch} "
+                  f"{1000 * pipeline['collate_batch_s']:.1f} ms ({100 * pipeline['collate_share_of_flare_step']:.2f}% of a FLARE "
+                  f"step); 1,000 cached translations read in {1000 * pipeline['translation_cache_read_per_1000_s']:.1f} ms; "
+                  f"stage 1: {pipeline['stage1_first_s']:.2f} s to train the tiny one, "
+                  f"{1000 * pipeline['stage1_cached_s']:.1f} ms to reuse it from the cache."]
+    lines += ["", "| target | measured | holds |", "|---|---|---|"]
+    lines += [f"| {name} | {measured} | {'yes' if ok else 'no'} |" for name, measured, ok in check_targets(result)]
     table = "\n".join(lines) + "\n"
     print(table)
-    if "pipeline" in result:
-        print(json.dumps(result["pipeline"], indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"bench-{args.model}.md").write_text(table)
+    stem = f"bench-{args.model}" + ("-bf16" if args.dtype == "bfloat16" else "") + (
+        "-nf4" if args.quantization == "nf4" else "") + ("-gc" if args.gradient_checkpointing else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table)
+    print(f"wrote {args.out / stem}.json and .md")
 
 
 if __name__ == "__main__":
