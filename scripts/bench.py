@@ -150,6 +150,29 @@ def check_targets(result: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def train_step(model, optimizer, batch: dict) -> None:
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def profile_steps(models: dict, optimizers: dict, batches: dict, device, rows: int = 20) -> str:
+    """torch.profiler's operator table (self time) of one training step of every method."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    parts = []
+    for method, model in models.items():
+        with profile(activities=activities) as prof:
+            train_step(model, optimizers[method], batches[method])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        parts.append(f"== {method}: one training step\n{prof.key_averages().table(sort_by=sort, row_limit=rows)}")
+    return "\n".join(parts)
+
+
 def timed(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -216,6 +239,8 @@ def main() -> None:
                         help="nf4: 4-bit NF4 base weights through bitsandbytes")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in backward (X-Mixup does not support it)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler's operator table of one step of every method")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline timings")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args()
@@ -252,14 +277,8 @@ def main() -> None:
             model = models[method]
             batch = {k: v.to(device) for k, v in batch.items()}
 
-            def step():
-                model.train()
-                model(**batch).loss.backward()
-                optimizers[method].step()
-                optimizers[method].zero_grad(set_to_none=True)
-
             before = memory.start()
-            train = timed(step, device)
+            train = timed(lambda: train_step(model, optimizers[method], batch), device)
             above = memory.peak() - before
             if method.startswith("flare-"):  # the extra forward alone, as the training step runs it
                 model.train()
@@ -369,6 +388,11 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(table)
     print(f"wrote {args.out / stem}.json and .md")
+    if args.profile:
+        batches = {m: {k: v.to(device) for k, v in batch_for(m, kind, args.batch, args.length, vocab, mt_vocab, 0,
+                                                             args.source_length).items()} for m in methods}
+        (args.out / f"{stem}-profile.txt").write_text(profile_steps(models, optimizers, batches, device))
+        print(f"wrote {args.out / stem}-profile.txt")
 
 
 if __name__ == "__main__":

@@ -44,11 +44,20 @@ def test_bench_measures_every_method(tmp_path):
     assert result["pipeline"]["stage1_cached_s"] < result["pipeline"]["stage1_first_s"]
 
 
-def test_bench_runs_on_nf4_weights(tmp_path):
-    result = _bench(tmp_path, "--methods", "lora,flare-add", "--quantization", "nf4", "--no-pipeline")
+def test_bench_runs_on_nf4_weights_and_profiles(tmp_path):
+    result = _bench(tmp_path, "--methods", "lora,flare-add", "--quantization", "nf4", "--no-pipeline", "--profile")
     assert result["quantization"] == "nf4"
     assert result["methods"]["flare-add"]["extra_params"] == 0
     assert "pipeline" not in result
+    profile = (tmp_path / "bench-tiny-nf4-profile.txt").read_text()
+    assert "== lora: one training step" in profile and "== flare-add: one training step" in profile
+    lora, flare = profile.split("== flare-add: one training step")
+
+    def mm_calls(table: str) -> int:
+        return next(int(line.split()[-1]) for line in table.splitlines() if line.strip().startswith("aten::mm "))
+
+    # FLARE's source pass and its A x_s add matrix products that LoRA's step does not have.
+    assert mm_calls(flare) > mm_calls(lora)
 
 
 def test_check_targets_judges_each_limit():

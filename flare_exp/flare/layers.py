@@ -126,6 +126,9 @@ class FlareLayerMixin:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        state = self._flare_state
+        if state is not None and state.mode == "source" and self.is_fused:
+            state.record(self, x)  # before the base output: the last fused layer stops here
         return self._add_adapters(x, self._base_output(x, *args, **kwargs))
 
     def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -138,8 +141,6 @@ class FlareLayerMixin:
         """result + the contribution of every active adapter, fused where configured."""
         state = self._flare_state
         source_pass = state is not None and state.mode == "source"
-        if source_pass and self.is_fused:
-            state.record(self, x)
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.lora_A or name in self.merged_adapters:
