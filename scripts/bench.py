@@ -16,10 +16,12 @@ translation-cache reads and the reuse of a cached stage 1.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,6 +41,13 @@ from flare_exp.translate import build_tiny_nllb  # noqa: E402
 from flare_exp.xmixup import XMixupModel  # noqa: E402
 
 ALL_METHODS = ["lora", *[f"flare-{f}" for f in FUSIONS if f != "none"], "flare_mt", "input_fusion", "xmixup"]
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary folder removed when the benchmark exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def load_model(name: str, dtype: torch.dtype, quantization: str, device: torch.device):
@@ -62,7 +71,7 @@ def load_model(name: str, dtype: torch.dtype, quantization: str, device: torch.d
         base = LlamaForCausalLM(LlamaConfig(
             vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=4, pad_token_id=0))
-        folder = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
+        folder = scratch("bench-tiny-")
         base.save_pretrained(folder)
     else:
         root = Path(__file__).resolve().parent.parent
@@ -193,7 +202,7 @@ def pipeline_timings(step_seconds: float, batch: int) -> dict:
     from flare_exp.pipeline import ensure_stage1, make_batcher
     from flare_exp.translate import FakeTranslator, translate_examples
 
-    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    work = scratch("bench-pipeline-")
     GlobalHydra.instance().clear()
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -257,7 +266,7 @@ def main() -> None:
         parser.error("X-Mixup does not support gradient checkpointing; leave it out of --methods")
     mt_encoder, mt_vocab = None, 64
     if "flare_mt" in methods:
-        encoder, tokenizer, width = load_mt_encoder(str(build_tiny_nllb(Path(tempfile.mkdtemp()) / "nllb")), device)
+        encoder, tokenizer, width = load_mt_encoder(str(build_tiny_nllb(scratch("bench-nllb-") / "nllb")), device)
         mt_encoder, mt_vocab = (encoder, width), len(tokenizer)
     models = {m: build(m, fresh(), kind, mt_encoder).to(device) for m in methods}
     if args.gradient_checkpointing:
