@@ -152,6 +152,14 @@ def _tiny_folder(model_cfg: DictConfig, tokenizer, labels, cache_dir: Path) -> P
         model_cfg, len(tokenizer), labels, tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(staging))
 
 
+def nf4_config(compute_dtype: torch.dtype):
+    """The 4-bit quantization every NF4 model loads with (double quantization on)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=True)
+
+
 def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.device, cache_dir: Path, seed: int):
     """The base model (no adapters), frozen, on ``device``.
 
@@ -161,7 +169,7 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
     configured compute dtype (tiny models too, through a saved copy).
     """
     from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
-                              AutoModelForSequenceClassification, BitsAndBytesConfig)
+                              AutoModelForSequenceClassification)
 
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.source == "tiny" and model_cfg.quantization == "none":
@@ -176,10 +184,7 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
             source = model_cfg.path
         kwargs = {"dtype": dtype}
         if model_cfg.quantization == "nf4":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_use_double_quant=True,
-            )
+            kwargs["quantization_config"] = nf4_config(dtype)
             kwargs["device_map"] = {"": str(device)}
         elif model_cfg.quantization != "none":
             raise ValueError(f"Unknown quantization {model_cfg.quantization!r} (none or nf4).")

@@ -57,11 +57,10 @@ def load_model(name: str, dtype: torch.dtype, quantization: str, device: torch.d
     model is saved to a temporary one first) exactly as the pipeline loads them.
     """
     from omegaconf import OmegaConf
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     from flare_exp.flare import disable_cpu_bf16_repack
-    from flare_exp.models import _package_model_dir
+    from flare_exp.models import _package_model_dir, nf4_config
 
     kind = "encoder" if name == "minilm" else "decoder"
     auto = AutoModelForSequenceClassification if kind == "encoder" else AutoModelForCausalLM
@@ -78,9 +77,7 @@ def load_model(name: str, dtype: torch.dtype, quantization: str, device: torch.d
         cfg = OmegaConf.load(root / "conf" / "model" / f"{'smollm2-135m' if name == 'smollm2' else 'minilm'}.yaml")
         folder = _package_model_dir(cfg, root / "outputs" / "cache")
     if quantization == "nf4":
-        kwargs = {"dtype": dtype, "device_map": {"": str(device)}, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True)}
+        kwargs = {"dtype": dtype, "device_map": {"": str(device)}, "quantization_config": nf4_config(dtype)}
     else:
         kwargs = {"dtype": dtype}
 
@@ -117,7 +114,7 @@ def batch_for(method: str, kind: str, batch: int, length: int, vocab: int, mt_vo
     source = torch.randint(3, vocab, (batch, source_length or length), generator=gen)
     ones, source_ones = torch.ones_like(ids), torch.ones_like(source)
     labels = ids.clone() if kind == "decoder" else torch.randint(0, 3, (batch,), generator=gen)
-    if method == "input_fusion":  # English, then target: twice the length, loss on the target part
+    if method == "input_fusion":  # English, then target in one sequence, loss on the target part
         fused_labels = labels
         if kind == "decoder":
             fused_labels = torch.cat([torch.full_like(source, -100), ids], 1)
