@@ -44,6 +44,16 @@ def _choices(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
+def english_in_forward(method: DictConfig) -> bool:
+    """FLARE and X-Mixup run the English source through the model's forward."""
+    return method.stage2 in ("flare", "xmixup")
+
+
+def reads_english_test(method: DictConfig) -> bool:
+    """The method needs the English version of the test set, in its forward or as its input."""
+    return english_in_forward(method) or method.eval_input in ("english", "fused")
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse, in one sentence, a combination that cannot run, before any model loads."""
     task, lang, method, model, mt = cfg.task, cfg.lang, cfg.method, cfg.model, cfg.mt
@@ -51,8 +61,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"Task {task.name} has no language {lang.code!r}; choose lang from {list(task.languages)}.")
     if task.type not in ("classification", "qa"):
         raise ConfigError(f"Unknown task type {task.type!r} (classification or qa).")
-    needs_english = method.eval_input in ("english", "fused") or method.stage2 in ("flare", "xmixup")
-    if mt.name == "gold" and not task.parallel and (needs_english or method.stage2 != "none"):
+    translates = reads_english_test(method) or method.stage2 != "none"
+    if mt.name == "gold" and not task.parallel and translates:
         raise ConfigError(
             f"Task {task.name} is not parallel, so method {method.name} needs machine translation: "
             f"choose mt from {[m for m in _choices('mt') if m != 'gold']}."
@@ -65,7 +75,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"Model {model.name} ({model.kind}) supports prompt_format={expected_format} only.")
     hub_model = model.source == "hub" and not model_in_local_cache(model.path)
     hub_data = not task.local and not cfg.data.dir
-    translates = needs_english or method.stage2 != "none"
     mt_models = [mt.get("model")] if translates and mt.get("model") else []
     if method.stage2 == "flare_mt" and method.encoder != "tiny":
         mt_models.append(method.encoder)
@@ -370,7 +379,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     model = load_stage1(cfg, stage1_path, tokenizer, device)
     mt = _mt_encoder(cfg, device) if method.stage2 == "flare_mt" else None
     batcher = make_batcher(cfg, tokenizer, mt_tokenizer=mt[1] if mt else None)
-    uses_english = method.stage2 in ("flare", "xmixup")  # the English source in the model's forward
+    uses_english = english_in_forward(method)
     fields, train_stats, data_info = list(cfg.task.fields), None, {}
     with tracker(cfg, out, enabled=rank == 0) as wandb_run:
         if method.stage2 != "none":
@@ -381,8 +390,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             train_stats = train_model(model, batcher, targets, english if uses_english else None, cfg.train,
                                       cfg.seed, device, desc=f"stage 2 {method_label(method)} {cfg.lang.code}",
                                       checkpoint=Checkpoint(out / "checkpoint", int(cfg.train.checkpoint_every)))
-        needs_english = uses_english or method.eval_input in ("english", "fused")
-        test, english_test = test_pairs(cfg, translator, english=needs_english)
+        test, english_test = test_pairs(cfg, translator, english=reads_english_test(method))
         if rank:
             return None
         inputs = {"target": test, "english": english_test}.get(method.eval_input)
