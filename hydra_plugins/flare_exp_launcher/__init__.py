@@ -27,7 +27,7 @@ class TolerantSlurmLauncher(SlurmLauncher):
                 overrides, _, index = job.submission().args[:3]
                 folder = sweep_dir / str(index)
                 folder.mkdir(parents=True, exist_ok=True)
-                summary = str(error).splitlines()[0] + " " + (str(error).splitlines()[1] if "\n" in str(error) else "")
+                summary = " ".join(str(error).splitlines()[:2])
                 (folder / "FAILED").write_text(f"{' '.join(overrides)}\nSLURM job {job.job_id}: {summary}\n")
                 # Hydra's sweeper re-raises a FAILED return and would stop the sweep's summary:
                 # the FAILED marker carries the failure, and the summary exits non-zero.
