@@ -53,28 +53,39 @@ class Checkpoint:
     def enabled(self) -> bool:
         return self.folder is not None and self.every > 0
 
+    def _aside(self, label: str) -> Path:
+        return self.folder.with_name(f"{self.folder.name}.{label}")
+
     def save(self, model, optimizer, scheduler, position: dict) -> None:
         if not self.enabled:
             return
-        staging = self.folder.with_name(self.folder.name + ".writing")
+        staging, previous = self._aside("writing"), self._aside("previous")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(staging / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "position": position}, staging / "state.pt")
-        shutil.rmtree(self.folder, ignore_errors=True)
+        # The last checkpoint moves aside before the new one moves in: a job killed at any
+        # moment leaves a complete checkpoint on disk.
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.folder.exists():
+            self.folder.rename(previous)
         staging.rename(self.folder)
+        shutil.rmtree(previous, ignore_errors=True)
 
     def load(self, model, optimizer, scheduler) -> dict | None:
-        if not self.enabled or not (self.folder / "state.pt").is_file():
+        if not self.enabled:
             return None
-        weights = load_file(str(self.folder / "trainable.safetensors"))
+        folder = next((f for f in (self.folder, self._aside("previous")) if (f / "state.pt").is_file()), None)
+        if folder is None:
+            return None
+        weights = load_file(str(folder / "trainable.safetensors"))
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
-        state = torch.load(self.folder / "state.pt", weights_only=True)
+        state = torch.load(folder / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -82,7 +93,8 @@ class Checkpoint:
 
     def remove(self) -> None:
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            for folder in (self.folder, self._aside("writing"), self._aside("previous")):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def train_model(model, batcher, targets: list[dict], english: list[dict] | None, train_cfg, seed: int,
