@@ -18,9 +18,12 @@ stage1 = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all
 flare = get_flare_model(stage1, FlareConfig(fusion="add_relu", target_modules="all-linear"))
 optimizer = torch.optim.AdamW([p for p in flare.parameters() if p.requires_grad], lr=1e-2)
 
-target = torch.randint(3, 64, (4, 12))   # target-language input ids (prompt + answer)
-source = torch.randint(3, 64, (4, 9))    # the English version of the same examples
-batch = dict(input_ids=target, attention_mask=torch.ones_like(target), labels=target,
+target = torch.randint(3, 64, (4, 12))   # target-language input ids: prompt (8) + answer (4)
+source = torch.randint(3, 64, (4, 9))    # the English version of the same prompts
+# Loss on the answer only: -100 marks the prompt, and FLARE aligns the prompt with the English
+# (answer tokens fuse the last English position, as every generated token does).
+labels = target.masked_fill(torch.arange(12) < 8, -100)
+batch = dict(input_ids=target, attention_mask=torch.ones_like(target), labels=labels,
              source_input_ids=source, source_attention_mask=torch.ones_like(source))
 
 flare.train()
@@ -33,9 +36,9 @@ for step in range(20):
         print(f"step {step:2d}  loss {loss.item():.3f}")
 
 flare.eval()
-generated = flare.generate(input_ids=target[:, :6], source_input_ids=source, max_new_tokens=4,
+generated = flare.generate(input_ids=target[:, :8], source_input_ids=source, max_new_tokens=4,
                            do_sample=False, pad_token_id=0)
-print("generated:", generated[:, 6:].tolist())
+print("generated:", generated[:, 8:].tolist(), " trained answers:", target[:, 8:].tolist())
 
 # flare_config.json + adapter_model.safetensors; load_flare_model(stage1_model, path) restores it
 # on a freshly loaded stage-1 model (get_flare_model changes the model it is given, as PEFT does).

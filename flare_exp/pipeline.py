@@ -195,10 +195,7 @@ def make_batcher(cfg: DictConfig, tokenizer, mt_tokenizer=None, plain: bool = Fa
     if cfg.task.type == "qa" and cfg.model.kind == "encoder":
         return SpanBatcher(tokenizer, max_length, stride=cfg.task.get("stride", 128), mt_tokenizer=mt_tokenizer,
                            mt_lang=mt_lang)
-    return Batcher(tokenizer, cfg.task, cfg.model.kind, max_length,
-                   alignment=method.get("alignment", "position"),
-                   mask_source_padding=method.get("mask_source_padding", True),
-                   mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
+    return Batcher(tokenizer, cfg.task, cfg.model.kind, max_length, mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
 
 
 # -- stage 1 -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import distributed
+from .flare.calls import enable_gradient_checkpointing
 from .metrics import classification_metrics, parse_label, qa_metrics
 
 
@@ -124,8 +125,7 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     total = int(train_cfg.max_steps) if train_cfg.max_steps else per_epoch * int(train_cfg.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * train_cfg.warmup_ratio), total)
     if train_cfg.gradient_checkpointing:
-        hf = getattr(model, "hf_model", None) or model.get_base_model()
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     position = checkpoint.load(model, optimizer, scheduler) or {
         "step": 0, "epoch": 0, "group": 0, "epoch_losses": [], "epoch_means": []}
     if position["step"]:

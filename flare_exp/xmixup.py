@@ -10,8 +10,8 @@ test time too.
 
 Choices the original leaves open here: the mixing layers (default: the middle layer), one
 multi-head attention (own parameters) per mixing layer, the entropy gate (w, b) above, and no
-consistency losses beyond the task loss. Gradient checkpointing and beam search are not
-supported.
+consistency losses beyond the task loss. Beam search is not supported; gradient checkpointing
+is (each call's English states are its own, as FLARE's are).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+from .flare.calls import CallSlot, TwoPassModel
+from .flare.layers import MissingSourceError
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -69,14 +72,27 @@ def without_adapter(model: nn.Module, name: str):
             layer._active_adapter = active
 
 
-class XMixupModel(nn.Module):
+class MixupCall:
+    """The state of one X-Mixup call: the English hidden states of the mixing layers."""
+
+    def __init__(self):
+        self.mode = "source"
+        self.records: dict[int, torch.Tensor] = {}
+        self.source_mask: torch.Tensor | None = None
+
+    def checkpoint_inputs(self) -> tuple:
+        return ()  # the English states are recorded without gradients
+
+
+class XMixupModel(TwoPassModel):
     """A stage-2 PEFT (LoRA) model with X-Mixup at ``layers``; see the module docstring."""
 
     def __init__(self, peft_model, stage2_adapter: str, layers=None, lambda0: float = 0.5, heads: int = 1):
         super().__init__()
         self.peft_model = peft_model
         self.stage2_adapter = stage2_adapter
-        hf = peft_model.base_model.model
+        self.slot = CallSlot()
+        hf = self.hf_model
         self.is_encoder_decoder = bool(getattr(hf.config, "is_encoder_decoder", False))
         blocks = transformer_blocks(hf)
         layers = [len(blocks) // 2] if layers is None else list(layers)
@@ -85,49 +101,68 @@ class XMixupModel(nn.Module):
         self.mixers = nn.ModuleDict(
             {str(i): MixupLayer(d_model, heads, lambda0).to(reference.device, reference.dtype) for i in layers}
         )
-        self._mode = None
-        self._records: dict[int, torch.Tensor] = {}
-        self._source_mask = None
         self.last_ratios: dict[int, torch.Tensor] = {}
         for i in layers:
             blocks[i].register_forward_hook(self._hook(i))
 
+    @property
+    def hf_model(self) -> nn.Module:
+        return self.peft_model.base_model.model
+
     def _hook(self, index: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if self._mode == "source":
-                self._records[index] = hidden.detach()
+            call = self.slot.active
+            if call is None:
+                raise MissingSourceError(
+                    "X-Mixup needs the English source: call the X-Mixup model with "
+                    "source_input_ids/source_attention_mask."
+                )
+            if call.mode == "source":
+                call.records[index] = hidden.detach()
                 return None
-            if self._mode != "target":
-                raise RuntimeError("X-Mixup needs the English source: pass source_input_ids/source_attention_mask.")
-            source = self._records[index]
+            source = call.records[index]
             if source.shape[0] != hidden.shape[0]:
                 raise ValueError("X-Mixup needs one English example per target example (no beam search).")
-            mixed, ratio = self.mixers[str(index)](hidden, source, self._source_mask)
+            mixed, ratio = self.mixers[str(index)](hidden, source, call.source_mask)
             self.last_ratios[index] = ratio
             return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
         return hook
 
-    def _source_pass(self, source_input_ids, source_attention_mask) -> None:
-        hf = self.peft_model.base_model.model
+    def source_pass(self, source_input_ids, source_attention_mask) -> MixupCall:
+        """A new call holding the English hidden states of the mixing layers (stage-2 adapter
+        off, no gradients, eval mode; train mode and the active call restored whatever happens)."""
+        call = MixupCall()
+        hf = self.hf_model
         was_training = hf.training
-        self._mode, self._records = "source", {}
         hf.eval()
         try:
-            with torch.no_grad(), without_adapter(self.peft_model, self.stage2_adapter):
+            with torch.no_grad(), without_adapter(self.peft_model, self.stage2_adapter), self.slot.running(call):
                 if self.is_encoder_decoder:
                     hf.get_encoder()(input_ids=source_input_ids, attention_mask=source_attention_mask)
                 else:
                     hf(input_ids=source_input_ids, attention_mask=source_attention_mask)
         finally:
             hf.train(was_training)
-        self._mode, self._source_mask = "target", source_attention_mask
+        call.mode, call.source_mask = "target", source_attention_mask
+        return call
 
-    def forward(self, source_input_ids=None, source_attention_mask=None, **kwargs):
-        self._source_pass(source_input_ids, source_attention_mask)
-        return self.peft_model(**kwargs)
+    def _new_call(self, source_input_ids, source_attention_mask) -> MixupCall:
+        if source_input_ids is None:
+            raise ValueError("X-Mixup needs the English source: pass source_input_ids/source_attention_mask.")
+        if source_attention_mask is None:
+            source_attention_mask = torch.ones_like(source_input_ids)
+        self.slot.bind_checkpointing(self.hf_model)
+        return self.source_pass(source_input_ids, source_attention_mask)
+
+    def forward(self, source_input_ids=None, source_attention_mask=None, target_prompt_lengths=None, **kwargs):
+        """``target_prompt_lengths`` (of FLARE's alignment) is accepted and not needed."""
+        call = self._new_call(source_input_ids, source_attention_mask)
+        with self.slot.running(call):
+            return self.peft_model(**kwargs)
 
     @torch.no_grad()
     def generate(self, source_input_ids=None, source_attention_mask=None, **kwargs):
-        self._source_pass(source_input_ids, source_attention_mask)
-        return self.peft_model.base_model.model.generate(**kwargs)
+        call = self._new_call(source_input_ids, source_attention_mask)
+        with self.slot.running(call):
+            return self.hf_model.generate(**kwargs)

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import Memory  # noqa: E402
 
-from flare_exp.flare import FUSIONS, FlareConfig, get_flare_model  # noqa: E402
+from flare_exp.flare import FUSIONS, FlareConfig, enable_gradient_checkpointing, get_flare_model  # noqa: E402
 from flare_exp.flare.mt import FlareMTModel, load_mt_encoder  # noqa: E402
 from flare_exp.translate import build_tiny_nllb  # noqa: E402
 from flare_exp.xmixup import XMixupModel  # noqa: E402
@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["none", "nf4"], default="none",
                         help="nf4: 4-bit NF4 base weights through bitsandbytes")
     parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute activations in backward (X-Mixup does not support it)")
+                        help="recompute activations in backward (every method)")
     parser.add_argument("--profile", action="store_true",
                         help="also write torch.profiler's operator table of one step of every method")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline timings")
@@ -259,8 +259,6 @@ def main() -> None:
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
-    if args.gradient_checkpointing and "xmixup" in methods:
-        parser.error("X-Mixup does not support gradient checkpointing; leave it out of --methods")
     mt_encoder, mt_vocab = None, 64
     if "flare_mt" in methods:
         encoder, tokenizer, width = load_mt_encoder(str(build_tiny_nllb(scratch("bench-nllb-") / "nllb")), device)
@@ -268,9 +266,8 @@ def main() -> None:
     models = {m: build(m, fresh(), kind, mt_encoder).to(device) for m in methods}
     if args.gradient_checkpointing:
         for model in models.values():
-            hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-            hf.config.use_cache = False
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            next(m for m in model.modules() if isinstance(m, PreTrainedModel)).config.use_cache = False
+            enable_gradient_checkpointing(model)
     optimizers = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad], lr=1e-4) for m in methods}
     vocab = next(m for m in models["lora"].modules() if isinstance(m, PreTrainedModel)).config.vocab_size
     memory = Memory(device)
@@ -288,9 +285,8 @@ def main() -> None:
             above = memory.peak() - before
             if method.startswith("flare-"):  # the extra forward alone, as the training step runs it
                 model.train()
-                source = timed(lambda: model._source_pass(batch["source_input_ids"], batch["source_attention_mask"]),
+                source = timed(lambda: model.source_pass(batch["source_input_ids"], batch["source_attention_mask"]),
                                device)
-                model.state.clear()
             model.eval()
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             with torch.no_grad():

@@ -92,7 +92,7 @@ def test_parse_label():
     assert parse_label("", labels) is None
 
 
-def test_decoder_batch_masks_prompt_and_aligns_answer_to_last_source():
+def test_decoder_batch_masks_prompt_and_carries_prompt_lengths():
     from transformers import AutoTokenizer
 
     from flare_exp.models import package_path
@@ -111,8 +111,10 @@ def test_decoder_batch_masks_prompt_and_aligns_answer_to_last_source():
     assert (batch["labels"][0, :-len(answer)] == -100).all()
     assert batch["labels"][0, -len(answer):].tolist() == answer
     assert batch["attention_mask"][1, 0] == 0  # the shorter row is left-padded
-    last_source = batch["source_attention_mask"].shape[1] - 1
-    assert (batch["source_index"][:, -1] == last_source).all()  # answer tokens: last source token
+    # The model aligns; the batch says where each prompt ends (the answer follows it).
+    answers = torch.tensor([len(answer), len(batcher.answer_ids("negative"))])
+    assert torch.equal(batch["target_prompt_lengths"], batch["attention_mask"].sum(1) - answers)
+    assert "source_index" not in batch
     eval_batch = batcher(target, english, train=False)
-    assert "labels" not in eval_batch and "source_index" not in eval_batch
+    assert "labels" not in eval_batch and "target_prompt_lengths" not in eval_batch
     assert torch.equal(eval_batch["source_input_ids"], batch["source_input_ids"])

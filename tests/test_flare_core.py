@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch.nn import functional as F
 
 from flare_exp.flare import FUSIONS, FlareConfig, MissingSourceError, get_flare_model, load_flare_model
+from flare_exp.flare.layers import SourceCall
 from test_alignment import reference_index
 from tiny import DECODERS, FAMILIES, PAD, pad_side, padded_batch, randomize_lora, tiny_model
 
@@ -160,10 +161,11 @@ def fused_layer(flare, name):
 
 
 @pytest.mark.parametrize("family", ["llama", "xlmr"])
-@pytest.mark.parametrize("fusion", FUSIONS)
-def test_fused_layer_matches_reference(family, fusion):
+@pytest.mark.parametrize("fusion,alignment", [(f, "position") for f in FUSIONS]
+                         + [("add_relu", "proportional"), ("cross_attention", "proportional")])
+def test_fused_layer_matches_reference(family, fusion, alignment):
     base = tiny_model(family)
-    flare = get_flare_model(copy.deepcopy(base), flare_config(family, fusion=fusion, heads=2))
+    flare = get_flare_model(copy.deepcopy(base), flare_config(family, fusion=fusion, heads=2, alignment=alignment))
     randomize_lora(flare.peft_model, seed=11, scale=0.3)
     target, source = inputs(family)
     name = FUSED_LAYER[family]
@@ -184,7 +186,7 @@ def test_fused_layer_matches_reference(family, fusion):
     bias = layer.base_layer.bias if layer.base_layer.bias is not None else 0
     causal = family in DECODERS
     index = reference_index(target["attention_mask"], source["source_attention_mask"],
-                            "position", "end" if causal else "start")
+                            alignment, "end" if causal else "start")
     s_full = x_s @ A.T
     s = torch.stack([
         torch.stack([s_full[b, j] if j >= 0 else torch.zeros(A.shape[0]) for j in index[b].tolist()])
@@ -234,8 +236,11 @@ def test_A_gets_gradient_through_source_and_target():
 # 4. Gradient checkpointing, trainable parameters, no gradient into the source pass ------------
 @pytest.mark.parametrize("family", ["llama", "gemma2", "bert", "t5"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradients_identical_under_gradient_checkpointing(family, reentrant):
+def test_gradients_identical_under_gradient_checkpointing(family, reentrant, monkeypatch):
     base = tiny_model(family)
+    recorded = []
+    record = SourceCall.record
+    monkeypatch.setattr(SourceCall, "record", lambda self, layer, x: (recorded.append(x), record(self, layer, x)))
     target, source = inputs(family)
     grads = []
     for checkpointing in (False, True):
@@ -248,9 +253,7 @@ def test_gradients_identical_under_gradient_checkpointing(family, reentrant):
             )
             flare.hf_model.enable_input_require_grads()
             assert flare.hf_model.is_activation_checkpointing
-        recorded = []
-        record = flare.state.record
-        flare.state.record = lambda layer, x: (recorded.append(x), record(layer, x))
+        recorded.clear()
         weighted_loss(flare(**target, **source).logits).backward()
         # Nothing flows into the source pass.
         assert recorded and all(not x.requires_grad and x.grad_fn is None for x in recorded)

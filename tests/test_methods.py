@@ -127,3 +127,12 @@ def test_4bit_stage2_flare_gives_every_lora_parameter_a_gradient(tmp_path):
     assert len(lora) == 2 * 7 * 2
     for name, param in lora:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("method", ["flare_mt", "xmixup"])
+def test_gradient_checkpointing_runs_for_every_stage2_method(tmp_path, method):
+    cfg = make_cfg(["model=tiny-llama", f"method={method}", "lang=dmb", *SMALL, "++method.encoder=tiny",
+                    "train.gradient_checkpointing=true"], tmp_path)
+    result = run(cfg)
+    assert result["config"]["train"]["gradient_checkpointing"] is True
+    assert result["stage2_train"]["steps"] >= 1 and result["metrics"]["n"] == 24

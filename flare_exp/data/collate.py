@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from ..flare.alignment import build_source_index
-
 SEPARATOR = " || "  # between the English and the target text under input-level fusion
 
 
@@ -37,12 +35,12 @@ class Batcher:
     (``source_input_ids``/``source_attention_mask``; for generative models its prompt without
     answer). With an ``mt_tokenizer`` (FLARE MT), the MT encoder's tokenization of the target
     text itself (``mt_input_ids``/``mt_attention_mask``, source language tag ``mt_lang``).
-    Decoder training batches also carry ``source_index``, in which answer tokens fuse the last
-    source position (spec D5).
+    Decoder training batches with a source also carry ``target_prompt_lengths`` (the prompt
+    tokens of each row; the rest is answer): the model aligns source and target itself.
     """
 
-    def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, alignment: str = "position",
-                 mask_source_padding: bool = True, mt_tokenizer=None, mt_lang: str | None = None):
+    def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, mt_tokenizer=None,
+                 mt_lang: str | None = None):
         if kind not in ("encoder", "decoder", "encoder_decoder"):
             raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
         self.tokenizer = tokenizer
@@ -52,8 +50,6 @@ class Batcher:
         self.prompt = task_cfg.prompt
         self.kind = kind
         self.max_length = max_length
-        self.alignment = alignment
-        self.mask_source_padding = mask_source_padding
         self.mt_tokenizer = mt_tokenizer
         self.mt_lang = mt_lang
 
@@ -141,20 +137,15 @@ class Batcher:
         batch, prompt_lengths = self._target(examples, train)
         if self.mt_tokenizer is not None:
             source = self._mt_source(examples)
-            source_mask = source["mt_attention_mask"]
         elif english is not None:
             if self.kind == "encoder":
                 source = {f"source_{k}": v for k, v in self._encode_pairs(english).items()}
             else:
                 ids, mask = self._prompts(english)
                 source = {"source_input_ids": ids, "source_attention_mask": mask}
-            source_mask = source["source_attention_mask"]
         else:
             return batch
         batch.update(source)
         if prompt_lengths is not None:
-            batch["source_index"] = build_source_index(
-                batch["attention_mask"], source_mask, strategy=self.alignment, anchor="end",
-                target_prompt_lengths=torch.tensor(prompt_lengths), mask_source_padding=self.mask_source_padding,
-            )
+            batch["target_prompt_lengths"] = torch.tensor(prompt_lengths)
         return batch

@@ -43,8 +43,13 @@ def build_source_index(
             tokens). Real tokens after the prompt (answer tokens under teacher forcing) map to
             the last source position, which is what a decoding step sees at generation time.
             Default: the whole target is prompt.
-        mask_source_padding: with False, position i maps to position i whatever either side
-            holds there (padding included), the behaviour of the public reference code.
+        mask_source_padding: with False, the behaviour of the public reference code, which pads
+            both sides to one fixed width and fuses position i with position i, padding
+            included: both tensors are placed as if padded to one common width on their own
+            padding side (left padding aligns their ends, right padding their starts) and
+            position i of that width meets position i. Target positions that fall outside the
+            source tensor get no source (the reference code, padding to its fixed width, would
+            fuse the state of a source padding token there). Prompt lengths are not used.
 
     Returns:
         batch x Lt int64 tensor of source positions, -1 where there is none.
@@ -64,7 +69,8 @@ def build_source_index(
     positions = torch.arange(target_len, device=device).expand(batch, target_len)
     none = torch.full_like(positions, -1)
     if not mask_source_padding:
-        return torch.where(positions < source_len, positions, none)
+        index = positions + _common_width_shift(target_mask, source_mask, anchor)
+        return torch.where((index >= 0) & (index < source_len), index, none)
 
     t_first, t_len = _span(target_mask)
     s_first, s_len = _span(source_mask.to(device))
@@ -91,6 +97,26 @@ def build_source_index(
     last_source = s_first + s_len - 1
     index = torch.where(in_answer & (s_len > 0), last_source.expand_as(index), index)
     return index
+
+
+def _pads_left(mask: torch.Tensor) -> bool | None:
+    """True for a left-padded batch, False for a right-padded one, None where no row shows it."""
+    first_real, last_real = bool(mask[:, 0].bool().all()), bool(mask[:, -1].bool().all())
+    return None if first_real == last_real else last_real
+
+
+def _common_width_shift(target_mask: torch.Tensor, source_mask: torch.Tensor, anchor: str) -> int:
+    """Source index minus target index when both tensors are padded to one common width, each on
+    its own padding side (read from the masks; from the other side, then the anchor, when a
+    tensor has no padding)."""
+    target_left, source_left = _pads_left(target_mask), _pads_left(source_mask)
+    if target_left is None:
+        target_left = source_left if source_left is not None else anchor == "end"
+    if source_left is None:
+        source_left = target_left
+    target_len, source_len = target_mask.shape[1], source_mask.shape[1]
+    width = max(target_len, source_len)
+    return (width - target_len if target_left else 0) - (width - source_len if source_left else 0)
 
 
 def last_source_position(source_mask: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,10 @@ class FlareConfig:
         alignment: ``position`` or ``proportional`` (spec D5).
         anchor: ``start`` or ``end`` of the prompt for ``position``; None: ``end`` for decoder-only
             (causal) models, ``start`` otherwise.
-        mask_source_padding: False reproduces the public code's fusion of position i with
-            position i, padding included (spec D6).
+        mask_source_padding: False reproduces the public code (spec D6), which pads both sides
+            to one width and fuses position i with position i, padding included: both sides
+            are placed as if padded to one common width on their own padding side (see
+            ``build_source_index``).
         modules_to_save: extra modules trained in full with the adapter (PEFT semantics).
         adapter_name: the name of the FLARE adapter inside the PEFT model.
     """

@@ -7,11 +7,13 @@ custom-module mechanism). Each adapter of a layer is either plain LoRA or, where
     y = W x_t + s * B phi(A x_s, A x_t)
 
 with ``x_s`` the input this very layer saw in the source pass. Per-call inputs (the source
-states, the alignment map) reach the layers through one shared ``SourceState`` object that the
-FLARE model fills for the duration of a call, never through forward kwargs.
+states, the alignment map) reach the layers through the ``SourceCall`` that is active in the
+model's ``CallSlot`` (see ``calls.py``), never through forward kwargs.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -28,29 +30,19 @@ class MissingSourceError(RuntimeError):
     pass
 
 
-class SourceState:
-    """What the fused layers of one model read during a call.
+class SourceCall:
+    """The state of one FLARE call: in mode ``"source"`` the fused layers record their inputs
+    (FLARE adapters off), in mode ``"target"`` they fuse them through the alignment map."""
 
-    Modes: ``None`` (no FLARE call in progress: a fused adapter refuses to run), ``"source"``
-    (record inputs, FLARE adapters off), ``"target"`` (fuse).
-    """
-
-    def __init__(self, causal: bool, flare_adapters: set[str]):
+    def __init__(self, causal: bool, flare_adapters: set[str], expected: int):
         self.causal = causal
         self.flare_adapters = flare_adapters
-        self.expected = 0
-        self.clear()
-
-    def clear(self) -> None:
-        self.mode: str | None = None
+        self.expected = expected
+        self.mode = "source"
         self.records: dict[int, torch.Tensor] = {}
         self.shared: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.target_mask: torch.Tensor | None = None
-
-    def start_source(self) -> None:
-        self.clear()
-        self.mode = "source"
 
     def record(self, layer: nn.Module, x: torch.Tensor) -> None:
         key = id(layer)
@@ -69,13 +61,17 @@ class SourceState:
         self.target_mask = target_mask
         self.shared = shared
 
+    def checkpoint_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The tensors of this call that need gradients (given source states, FLARE MT)."""
+        return (self.shared,) if self.shared is not None and self.shared.requires_grad else ()
+
+    def with_inputs(self, tensors: tuple[torch.Tensor, ...]) -> "SourceCall":
+        """This call with ``checkpoint_inputs`` replaced by ``tensors`` (a recomputation's)."""
+        call = copy.copy(self)
+        (call.shared,) = tensors
+        return call
+
     def source_for(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.mode != "target":
-            raise MissingSourceError(
-                f"A FLARE-fused layer ({layer.flare_name}) ran without source states: call the "
-                "FLARE model with source_input_ids/source_attention_mask (or source_states), or "
-                "disable the FLARE adapter for plain inference."
-            )
         if self.index.shape != x.shape[:2]:
             raise MissingSourceError(
                 f"The alignment map covers {tuple(self.index.shape)} target positions but "
@@ -98,7 +94,7 @@ class FlareLayerMixin:
     def _init_flare(self) -> None:
         self.lora_fusion = nn.ModuleDict()
         self.flare_name = ""
-        self._flare_state: SourceState | None = None
+        self._flare_slot = None  # the model's CallSlot, set by get_flare_model
 
     @property
     def is_fused(self) -> bool:
@@ -126,10 +122,13 @@ class FlareLayerMixin:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        state = self._flare_state
-        if state is not None and state.mode == "source" and self.is_fused:
-            state.record(self, x)  # before the base output: the last fused layer stops here
+        call = self._active_call()
+        if call is not None and call.mode == "source" and self.is_fused:
+            call.record(self, x)  # before the base output: the last fused layer stops here
         return self._add_adapters(x, self._base_output(x, *args, **kwargs))
+
+    def _active_call(self) -> SourceCall | None:
+        return self._flare_slot.active if self._flare_slot is not None else None
 
     def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.base_layer(x, *args, **kwargs)
@@ -139,24 +138,28 @@ class FlareLayerMixin:
 
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + the contribution of every active adapter, fused where configured."""
-        state = self._flare_state
-        source_pass = state is not None and state.mode == "source"
+        call = self._active_call()
+        source_pass = call is not None and call.mode == "source"
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.lora_A or name in self.merged_adapters:
                 continue
-            if source_pass and name in state.flare_adapters:
+            if source_pass and name in call.flare_adapters:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             dropout, scaling = self.lora_dropout[name], self.scaling[name]
             xa = self._cast_input_dtype(x, lora_A.weight.dtype)
             target = lora_A(dropout(xa))
             if name in self.lora_fusion:
-                if state is None:
-                    raise MissingSourceError(f"{self.flare_name} is fused but not part of a FLARE model.")
-                source = self._cast_input_dtype(state.source_for(self, x), lora_A.weight.dtype)
-                aligned = gather_aligned(lora_A(dropout(source)), state.index)
-                target = self.lora_fusion[name](aligned, target, state.target_mask, state.causal)
+                if call is None:
+                    raise MissingSourceError(
+                        f"A FLARE-fused layer ({self.flare_name}) ran without source states: call the "
+                        "FLARE model with source_input_ids/source_attention_mask (or source_states), "
+                        "or disable the FLARE adapter for plain inference."
+                    )
+                source = self._cast_input_dtype(call.source_for(self, x), lora_A.weight.dtype)
+                aligned = gather_aligned(lora_A(dropout(source)), call.index)
+                target = self.lora_fusion[name](aligned, target, call.target_mask, call.causal)
             result = result + (lora_B(target) * scaling).to(out_dtype)
         return result
 

@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .alignment import build_source_index, last_source_position
+from .calls import CallSlot, TwoPassModel
 from .config import FlareConfig, resolve_fuse_modules
 from .fusion import SEQUENCE_FUSIONS, make_fusion
-from .layers import FlareLayerMixin, SourcePassDone, SourceState, _linear4bit_class, custom_module_mapping
+from .layers import FlareLayerMixin, SourceCall, SourcePassDone, _linear4bit_class, custom_module_mapping
 
 STAGE1_ADAPTER = "stage1"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,13 +37,6 @@ def disable_cpu_bf16_repack(model: nn.Module) -> int:
     return count
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether gradient (activation) checkpointing is on; the property's name changed in
-    transformers 5."""
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False))
-
-
 def _is_quantized(model: nn.Module) -> bool:
     linear4bit = _linear4bit_class()
     return linear4bit is not None and any(isinstance(m, linear4bit[0]) for m in model.modules())
@@ -60,24 +54,35 @@ def _lora_config(config: FlareConfig, target_modules) -> LoraConfig:
     return lora
 
 
-class FlareModel(nn.Module):
+class FlareModel(TwoPassModel):
     """A PEFT model with a FLARE adapter; see ``get_flare_model``.
 
     ``forward`` and ``generate`` take the target input as usual plus the source (English) input
     ``source_input_ids``/``source_attention_mask``, or precomputed ``source_states`` (batch x Ls x
     hidden, read by every fused projection). Everything else is passed to the wrapped model.
     The wrapped PEFT model is ``self.peft_model``.
+
+    The model builds the alignment map itself from its ``FlareConfig`` (spec D5) and the
+    attention masks. For a causal LM, target positions after the prompt (answer tokens under
+    teacher forcing) fuse the last source position; the prompt is given by
+    ``target_prompt_lengths`` (real prompt tokens per row) or, when that is absent and ``labels``
+    are passed, by each row's real tokens before its first label that is not -100. Without
+    either, the whole target is prompt. ``source_index`` overrides the map (expert use).
+
+    Each call owns its state: outside a call (for example ``flare.hf_model(...)`` after a
+    training step) a fused layer raises ``MissingSourceError``, and gradient checkpointing
+    recomputes a layer with the source of the call that ran it.
     """
 
-    def __init__(self, peft_model: PeftModel, config: FlareConfig, state: SourceState, n_fused: int):
+    def __init__(self, peft_model: PeftModel, config: FlareConfig, slot: CallSlot, causal: bool, n_fused: int):
         super().__init__()
         self.peft_model = peft_model
         self.flare_config = config
-        self.state = state
+        self.slot = slot
+        self.causal = causal
         self.n_fused = n_fused
-        hf = self.hf_model
-        self.is_encoder_decoder = bool(getattr(hf.config, "is_encoder_decoder", False))
-        self.anchor = config.anchor or ("end" if state.causal else "start")
+        self.is_encoder_decoder = bool(getattr(self.hf_model.config, "is_encoder_decoder", False))
+        self.anchor = config.anchor or ("end" if causal else "start")
 
     def __getattr__(self, name):
         try:
@@ -91,35 +96,36 @@ class FlareModel(nn.Module):
         return self.peft_model.base_model.model
 
     # -- the source pass -------------------------------------------------------------------
-    def _source_pass(self, source_input_ids, source_attention_mask, source_token_type_ids=None) -> None:
-        """Record the input of every fused projection on the source (spec section 3, D2).
+    def source_pass(self, source_input_ids, source_attention_mask, source_token_type_ids=None) -> SourceCall:
+        """A new call holding the input of every fused projection on the source (spec section 3, D2).
 
         Runs without gradients, with the FLARE adapter off (a frozen stage-1 adapter stays on),
         in eval mode (no dropout: the source is the stage-1 model's deterministic English
         representation), and stops as soon as the last fused projection has its input: no
-        later layer, LM head or loss is computed.
+        later layer, LM head or loss is computed. Train mode and the active call are restored
+        whatever happens.
         """
-        self.state.start_source()
-        self.state.expected = self.n_fused
+        call = SourceCall(self.causal, {self.flare_config.adapter_name}, self.n_fused)
         hf = self.hf_model
         extra = {} if source_token_type_ids is None else {"token_type_ids": source_token_type_ids}
         was_training = hf.training
         hf.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.slot.running(call):
                 if self.is_encoder_decoder:
                     hf.get_encoder()(input_ids=source_input_ids, attention_mask=source_attention_mask, **extra)
                 else:
-                    if self.state.causal:
+                    if self.causal:
                         extra["use_cache"] = False
                     hf(input_ids=source_input_ids, attention_mask=source_attention_mask, **extra)
         except SourcePassDone:
             pass
         finally:
             hf.train(was_training)
+        return call
 
-    def _prepare_source(self, attention_mask, source_input_ids, source_attention_mask, source_states,
-                        source_token_type_ids=None):
+    def _new_call(self, source_input_ids, source_attention_mask, source_states, source_token_type_ids=None):
+        """(the call, the source attention mask) of one forward or generate."""
         if source_states is None and source_input_ids is None:
             raise ValueError(
                 "FLARE needs the source: pass source_input_ids and source_attention_mask "
@@ -128,16 +134,23 @@ class FlareModel(nn.Module):
         if source_attention_mask is None:
             reference = source_states if source_states is not None else source_input_ids
             source_attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        self.slot.bind_checkpointing(self.hf_model)
         if source_states is None:
-            self._source_pass(source_input_ids, source_attention_mask, source_token_type_ids)
+            call = self.source_pass(source_input_ids, source_attention_mask, source_token_type_ids)
         else:
-            self.state.clear()
-        return source_attention_mask
+            call = SourceCall(self.causal, {self.flare_config.adapter_name}, self.n_fused)
+        return call, source_attention_mask
 
-    def _keep_state_for_backward(self) -> bool:
-        # Gradient checkpointing re-runs layers during backward: they must still find their
-        # source then (spec D3). The state is replaced by the next call in any case.
-        return self.training and torch.is_grad_enabled() and _checkpointing(self.hf_model)
+    def _prompt_lengths(self, attention_mask, labels):
+        """Real tokens before the first label that is not -100, for causal LMs (None otherwise)."""
+        if not self.causal or labels is None or labels.shape != attention_mask.shape:
+            return None
+        real = attention_mask.bool()
+        answer = (labels != -100) & real
+        width = labels.shape[1]
+        first = torch.where(answer.any(1), answer.int().argmax(1), torch.full_like(answer[:, 0], width, dtype=torch.long))
+        before = torch.arange(width, device=labels.device)[None, :] < first[:, None]
+        return (before & real).sum(1)
 
     # -- forward and generate --------------------------------------------------------------
     def forward(
@@ -146,25 +159,25 @@ class FlareModel(nn.Module):
         attention_mask=None,
         source_input_ids=None,
         source_attention_mask=None,
-        source_index=None,
         source_states=None,
         source_token_type_ids=None,
+        target_prompt_lengths=None,
+        source_index=None,
         **kwargs,
     ):
-        self.state.clear()
-        if attention_mask is None and input_ids is not None:
-            attention_mask = torch.ones_like(input_ids)
-        source_attention_mask = self._prepare_source(
-            attention_mask, source_input_ids, source_attention_mask, source_states, source_token_type_ids
+        if attention_mask is None:
+            reference = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        call, source_attention_mask = self._new_call(
+            source_input_ids, source_attention_mask, source_states, source_token_type_ids
         )
         if source_index is None:
-            source_index = self.source_index(attention_mask, source_attention_mask)
-        self.state.start_target(source_index, attention_mask, source_states)
-        try:
+            if target_prompt_lengths is None:
+                target_prompt_lengths = self._prompt_lengths(attention_mask, kwargs.get("labels"))
+            source_index = self.source_index(attention_mask, source_attention_mask, target_prompt_lengths)
+        call.start_target(source_index, attention_mask, source_states)
+        with self.slot.running(call):
             return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            if not self._keep_state_for_backward():
-                self.state.clear()
 
     def source_index(self, attention_mask, source_attention_mask, target_prompt_lengths=None):
         """The alignment map of this model's configuration (spec D5)."""
@@ -191,19 +204,14 @@ class FlareModel(nn.Module):
         """Generate under spec D7: the prompt fuses its aligned source states, and every
         generated token fuses the source's last prompt state (the training alignment of
         answer tokens)."""
-        self.state.clear()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        source_attention_mask = self._prepare_source(
-            attention_mask, source_input_ids, source_attention_mask, source_states
-        )
+        call, source_attention_mask = self._new_call(source_input_ids, source_attention_mask, source_states)
         prefill = self.source_index(attention_mask, source_attention_mask)
+        call.start_target(prefill, attention_mask, source_states)
         hf = self.hf_model
         handle = None
-        if self.is_encoder_decoder:
-            # Only the encoder fuses, and it runs once over the prompt.
-            self.state.start_target(prefill, attention_mask, source_states)
-        else:
+        if not self.is_encoder_decoder:  # encoder-decoders fuse in the encoder, which runs once
             last = last_source_position(source_attention_mask)
             if self.flare_config.fusion in SEQUENCE_FUSIONS:
                 # These fusions read every earlier target state, which a KV cache does not keep.
@@ -226,15 +234,15 @@ class FlareModel(nn.Module):
                 index = torch.where(positions < prefill.shape[1], from_prompt, last[:, None])
                 mask = kwargs.get("attention_mask")
                 mask = mask[:, past : past + length] if mask is not None else None
-                self.state.start_target(index, mask, source_states)
+                call.start_target(index, mask, source_states)
 
             handle = hf.register_forward_pre_hook(set_step_alignment, with_kwargs=True)
         try:
-            return hf.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            with self.slot.running(call):
+                return hf.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             if handle is not None:
                 handle.remove()
-            self.state.clear()
 
     # -- saving and loading ----------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -266,8 +274,24 @@ class FlareModel(nn.Module):
         flare.peft_model.load_state_dict(weights, strict=False)
         return flare
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+# LoRA options whose computation the FLARE layers (plain W x + s B A x per adapter) do not implement.
+UNSUPPORTED_LORA_OPTIONS = (
+    "use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "velora_config", "monteclora_config",
+    "arrow_config", "kasa_config", "use_bdlora", "megatron_config", "target_parameters",
+    "trainable_token_indices", "layer_replication",
+)
+
+
+def check_lora_options(config: LoraConfig, which: str) -> None:
+    """Refuse a LoRA adapter that the FLARE layers would silently run as plain LoRA."""
+    used = [name for name in UNSUPPORTED_LORA_OPTIONS if getattr(config, name, None)]
+    if used:
+        raise ValueError(
+            f"The {which} uses {', '.join(used)}, which FLARE's layers do not implement (they compute "
+            "plain LoRA, W x + s B A x): train it without, or on full-precision weights, into which "
+            "it is merged before FLARE is added."
+        )
 
 
 def _split_stage1(model: nn.Module):
@@ -283,6 +307,7 @@ def _split_stage1(model: nn.Module):
     if not _is_quantized(model):
         return model.merge_and_unload(), None
     name = model.active_adapter
+    check_lora_options(model.peft_config[name], "stage-1 adapter")
     stage1_config = copy.deepcopy(model.peft_config[name])
     tag = f".{name}."
     weights = {
@@ -312,7 +337,7 @@ def get_flare_model(model: nn.Module, config: FlareConfig) -> FlareModel:
 
     is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
     causal = not is_encoder_decoder and ("ForCausalLM" in type(base).__name__ or base.can_generate())
-    state = SourceState(causal=causal, flare_adapters={config.adapter_name})
+    slot = CallSlot()
 
     if stage1 is not None:
         stage1_config, weights = stage1
@@ -332,7 +357,7 @@ def get_flare_model(model: nn.Module, config: FlareConfig) -> FlareModel:
         if not isinstance(module, FlareLayerMixin):
             continue
         module.flare_name = name
-        module._flare_state = state
+        module._flare_slot = slot
         if id(module.get_base_layer()) in fused_ids:
             lora_A = module.lora_A[config.adapter_name]
             fusion = make_fusion(config.fusion, config.r, config.heads)
@@ -347,4 +372,4 @@ def get_flare_model(model: nn.Module, config: FlareConfig) -> FlareModel:
     for name, param in peft_model.named_parameters():
         if f"lora_fusion.{config.adapter_name}." in name:
             param.requires_grad_(True)
-    return FlareModel(peft_model, config, state, n_fused)
+    return FlareModel(peft_model, config, slot, causal, n_fused)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .calls import TwoPassModel
 from .model import FlareModel
 
 
-class FlareMTModel(nn.Module):
+class FlareMTModel(TwoPassModel):
     """A ``FlareModel`` whose source states come from an MT encoder through ``projection``.
 
     ``forward``/``generate`` take ``mt_input_ids``/``mt_attention_mask`` (the MT tokenization of
@@ -27,6 +28,14 @@ class FlareMTModel(nn.Module):
             param.requires_grad_(False)
         reference = next(p for p in flare.parameters() if p.requires_grad)
         self.projection = nn.Linear(d_mt, d_model).to(reference.device, reference.dtype)
+
+    @property
+    def slot(self):
+        return self.flare.slot
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return self.flare.hf_model
 
     def train(self, mode: bool = True):
         super().train(mode)
