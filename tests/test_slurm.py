@@ -62,9 +62,9 @@ def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
         running = [line.split()[0] for line in queue.splitlines() if line.endswith("RUNNING")]
         flare = [j for j in running if j.endswith("_1")]
         # Cancel while stage 1 is being trained: the FLARE job then has at least its whole stage 2
-        # left, longer than SLURM's KillWait (30 s; submitit ignores the SIGTERM that scancel sends
-        # first), so it dies before it can write a result. If it held the stage-1 lock, the
-        # zero-shot job takes the lock over and resumes from the stage-1 checkpoint.
+        # left, longer than the test cluster's KillWait (2 s; submitit ignores the SIGTERM that
+        # scancel sends first), so it dies before it can write a result. If it held the stage-1
+        # lock, the zero-shot job takes the lock over and resumes from the stage-1 checkpoint.
         stage1_started = any(tmp_path.glob("stage1/*/*/*.lock"))
         stage1_done = any(tmp_path.glob("stage1/*/*/*/stage1.json"))
         if flare and stage1_started and not stage1_done:

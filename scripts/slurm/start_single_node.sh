@@ -38,6 +38,9 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 ReturnToService=2
 MinJobAge=86400
+# A cancelled job gets SIGKILL 2 s after SIGTERM (default 30 s), so a test that cancels a job
+# does not depend on how fast this machine finishes it.
+KillWait=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
@@ -50,7 +53,11 @@ if ! pgrep -x munged >/dev/null; then
   chmod 0400 /etc/munge/munge.key
   runuser -u munge -- /usr/sbin/munged
 fi
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
+if pgrep -x slurmctld >/dev/null; then
+  scontrol reconfigure  # running already: read the configuration written above
+else
+  /usr/sbin/slurmctld
+fi
 pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
 
 for _ in $(seq 60); do
