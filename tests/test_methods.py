@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -26,6 +30,29 @@ TASK_ARGS = {
 }
 
 
+# Golden values: every method's training losses and test metrics on each tiny model (fixed seed,
+# a few steps), so that a change that moves a number fails loudly. Re-record them, after a change
+# that is meant to move them, with FLARE_RECORD_GOLDEN=1 pytest tests/test_methods.py -k end_to_end
+# and say why in the commit.
+GOLDEN_FILE = Path(__file__).parent / "golden_methods.json"
+
+
+def _check_golden(key: str, observed: dict) -> None:
+    golden = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.is_file() else {}
+    if os.environ.get("FLARE_RECORD_GOLDEN"):
+        golden[key] = observed
+        GOLDEN_FILE.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    expected = golden[key]
+    assert expected.keys() == observed.keys(), key
+    for name, value in expected.items():
+        if name == "metrics":  # a near tie may flip one prediction on another CPU
+            for metric, score in value.items():
+                assert observed[name][metric] == pytest.approx(score, abs=1.01 / observed[name]["n"]), (key, metric)
+        else:  # training losses
+            assert observed[name] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, name)
+
+
 @pytest.mark.parametrize("task", ["demo", "tydiqa"])
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert", "tiny-t5"])
 def test_every_method_end_to_end(tmp_path, qa_data, model, task):  # noqa: F811
@@ -40,8 +67,14 @@ def test_every_method_end_to_end(tmp_path, qa_data, model, task):  # noqa: F811
         assert 0 <= metrics[metric] <= 1
         path = tmp_path / "runs" / task / model / result["mt"] / method / result["lang"] / "seed100" / "results.json"
         assert path.is_file()
+        stage2 = result["stage2_train"]
         if method not in ("zero_shot", "translate_test"):
-            assert result["stage2_train"]["steps"] >= 1
+            assert stage2["steps"] >= 1
+        losses = [result["stage1"]["train"][k] for k in ("first_epoch_loss", "last_epoch_loss")]
+        if stage2 is not None:
+            losses += [stage2[k] for k in ("first_epoch_loss", "last_epoch_loss")]
+        scores = {k: v for k, v in metrics.items() if k not in ("invalid",)}
+        _check_golden(f"{task}/{model}/{method}", {"losses": losses, "metrics": scores})
 
 
 def _demo_cfg(model, method, tmp_path, extra=()):
