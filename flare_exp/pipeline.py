@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import shutil
 import tempfile
@@ -25,8 +24,8 @@ from .data.collate import concatenate_inputs
 from .flare import FlareConfig, get_flare_model
 from .flare.mt import FlareMTModel, load_mt_encoder
 from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device, save_once
-from .results import (POINTER, git_commit, method_label, run_dir, summary_line, tracker,
-                      write_json_atomic, write_lines_atomic)
+from .results import (POINTER, config_hash, git_commit, method_label, run_dir, run_identity, summary_line,
+                      tracker, write_json_atomic, write_lines_atomic)
 from .train import Checkpoint, predict, score, train_model
 from .translate import (FakeTranslator, NLLBTranslator, build_tiny_nllb, cache_file, nllb_code, project_qa,
                         translate_examples, translation_quality)
@@ -207,7 +206,7 @@ def stage1_key(cfg: DictConfig) -> str:
         "seed": cfg.seed,
         "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "max_train": cfg.data.max_train},
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return config_hash(identity, 12)
 
 
 def stage1_dir(cfg: DictConfig) -> Path:
@@ -359,9 +358,12 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     results_path = out / "results.json"
     if job_dir is not None:
         write_json_atomic(job_dir / POINTER, {"results": str(results_path)})
+    identity = run_identity(cfg)
     if results_path.is_file() and not cfg.force:
         result = json.loads(results_path.read_text())
-        print(f"[skipped: finished earlier, force=true reruns it] {summary_line(result)}")
+        if result.get("identity") != identity:
+            raise ConfigError(f"{out} holds a run of other settings: move it away, or rerun it with force=true.")
+        print(f"[skipped: finished earlier with these settings, force=true reruns it] {summary_line(result)}")
         return result
 
     started = time.perf_counter()
@@ -409,6 +411,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             "stage2_train": train_stats, "data": data_info,
             "timing": {"run_seconds": time.perf_counter() - started, "device": str(device)},
             "git_commit": git_commit(),
+            "run_id": config_hash(identity, 8), "identity": identity,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         out.mkdir(parents=True, exist_ok=True)

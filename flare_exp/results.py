@@ -6,6 +6,7 @@ results.json exists is skipped unless ``force=true``. W&B only mirrors it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -56,9 +57,32 @@ def method_label(method_cfg: DictConfig) -> str:
     return "-".join(parts)
 
 
+# Config entries that cannot change a run's result: where it is written, how it is tracked, where
+# it runs, how it is grouped, how often it checkpoints, the evaluation batch size.
+NOT_IDENTITY = ("hydra", "output_dir", "tracking", "force", "device", "stage", "experiment_name",
+                "train.checkpoint_every", "train.eval_batch_size")
+
+
+def config_hash(data: dict, length: int) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """Everything in the resolved config that can change a run's result."""
+    identity = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in NOT_IDENTITY:
+        *parents, leaf = dotted.split(".")
+        node = identity
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return identity
+
+
 def run_dir(cfg: DictConfig) -> Path:
+    """``runs/<task>/<model>/<mt>/<method label>/<lang>/seed<k>-<hash of the run identity>``."""
     return (Path(cfg.output_dir) / "runs" / cfg.task.name / cfg.model.name / cfg.mt.name
-            / method_label(cfg.method) / cfg.lang.code / f"seed{cfg.seed}")
+            / method_label(cfg.method) / cfg.lang.code / f"seed{cfg.seed}-{config_hash(run_identity(cfg), 8)}")
 
 
 def git_commit() -> str | None:
@@ -100,9 +124,13 @@ def tracker(cfg: DictConfig, directory: Path, enabled: bool = True):
 
 
 def load_results(paths) -> "pandas.DataFrame":  # noqa: F821
+    """One row per results.json. Runs of one (task, model, mt, method) whose settings differ in
+    anything but language and seed (two learning rates, a capped smoke run beside the full run)
+    get those settings in their method name (``lora [train.lr=0.002]``), so no table averages
+    them into one cell; ``setting`` holds them alone."""
     import pandas as pd
 
-    rows = []
+    rows, identities = [], []
     for path in paths:
         result = json.loads(Path(path).read_text())
         row = {k: result[k] for k in ("task", "model", "mt", "method", "lang", "seed")}
@@ -110,13 +138,49 @@ def load_results(paths) -> "pandas.DataFrame":  # noqa: F821
         row["english_score"] = result.get("stage1_english", {}).get(result.get("headline_metric", "accuracy"))
         row["run_dir"] = str(Path(path).parent)
         rows.append(row)
-    return pd.DataFrame(rows)
+        identities.append(_flatten(result.get("identity", {})))
+    frame = pd.DataFrame(rows)
+    settings = _differing_settings(rows, identities)
+    frame["setting"] = settings
+    if any(settings):
+        frame["method"] = [m + (f" [{s}]" if s else "") for m, s in zip(frame["method"], settings)]
+    return frame
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differing_settings(rows: list[dict], identities: list[dict]) -> list[str]:
+    """For each run, ``key=value`` of the identity entries (other than the language's and the
+    seed) that differ between runs of its (task, model, mt, method)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row["task"], row["model"], row["mt"], row["method"]), []).append(i)
+    keys = sorted({k for identity in identities for k in identity if not k.startswith("lang.") and k != "seed"})
+    differing = [k for k in keys if any(len({json.dumps(identities[i].get(k), sort_keys=True) for i in members}) > 1
+                                        for members in groups.values())]
+    return [", ".join(f"{k}={identity.get(k)}" for k in differing) for identity in identities]
+
+
+def method_order(labels) -> list[str]:
+    """Method labels in the paper's row order (settings after their method), others last."""
+    def key(label):
+        base = label.split(" [")[0].split("-")[0]
+        return (METHODS.index(base) if base in METHODS else len(METHODS), label)
+    return sorted(labels, key=key)
 
 
 def format_table(frame, metric: str) -> str:
     """Methods x languages (mean over seeds), in percent, as a small text table."""
     pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
-    pivot = pivot.reindex(sorted(pivot.index, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)))
+    pivot = pivot.reindex(method_order(pivot.index))
     english = frame["english_score"].dropna()
     lines = [pivot.round(2).to_string()]
     if len(english):

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from .metrics import normalize_answer, token_f1
-from .paper_results import METHODS, paper_value
-from .results import load_results, run_dir
+from .paper_results import paper_value
+from .results import load_results, method_order, run_dir
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -64,8 +64,6 @@ def summary(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out
 
 
-def _order(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
 
 
 def _cell(mean: float, std: float, seeds: int, bold: bool, latex: bool) -> str:
@@ -85,7 +83,7 @@ def paper_table(table: pd.DataFrame, latex: bool = False) -> str:
         header += [model, "paper", "Δ"]
     rows = []
     best = table.loc[table.groupby("model")["mean"].idxmax(), ["model", "method"]].values.tolist()
-    for method in _order(set(table["method"])):
+    for method in method_order(set(table["method"])):
         row = [method.replace("_", r"\_") if latex else method]
         for model in models:
             hit = table[(table["model"] == model) & (table["method"] == method)]
@@ -111,7 +109,7 @@ def language_table(frame: pd.DataFrame, model: str, metric: str) -> str:
     part = frame[frame["model"] == model]
     pivot = part.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
     pivot["avg"] = pivot.mean(axis=1)
-    pivot = pivot.reindex(_order(pivot.index))
+    pivot = pivot.reindex(method_order(pivot.index))
     header = ["method", *pivot.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, values in pivot.iterrows():
@@ -190,7 +188,7 @@ def plot(frame: pd.DataFrame, metric: str, folder: Path) -> list[Path]:
     written = []
     for model, part in frame.groupby("model"):
         pivot = part.pivot_table(index="lang", columns="method", values=metric, aggfunc="mean") * 100
-        pivot = pivot[_order(pivot.columns)]
+        pivot = pivot[method_order(pivot.columns)]
         ax = pivot.plot.bar(figsize=(max(6, 0.9 * len(pivot)), 4), width=0.8)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(f"{part['task'].iloc[0]} — {model}: per language")

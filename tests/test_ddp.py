@@ -92,6 +92,8 @@ def test_torchrun_pipeline_matches_one_process(tmp_path):
     import sys
     from pathlib import Path
 
+    from test_pipeline import run_path
+
     root = Path(__file__).resolve().parent.parent
     args = ["model=tiny-bert", "task=demo", "mt=gold", "method=flare", "lang=dma", "data.max_train=48",
             "data.max_test=24", "train.epochs=1", "train.batch_size=16"]
@@ -101,7 +103,7 @@ def test_torchrun_pipeline_matches_one_process(tmp_path):
         done = subprocess.run([*prefix, str(root / "run.py"), *args, f"output_dir={tmp_path / name}"], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads((tmp_path / n / "runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").read_text())
-               for n in ("one", "two")]
+    results = [json.loads((run_path(tmp_path / n, "runs/demo/tiny-bert/gold/flare/dma/seed100") / "results.json")
+                          .read_text()) for n in ("one", "two")]
     assert results[1]["metrics"] == results[0]["metrics"]
     assert results[1]["stage2_train"]["last_epoch_loss"] == pytest.approx(results[0]["stage2_train"]["last_epoch_loss"], abs=1e-5)

@@ -20,7 +20,7 @@ from flare_exp.pipeline import _lora_config, make_batcher, run
 from flare_exp.train import train_model
 from flare_exp.translate import build_tiny_nllb
 from flare_exp.xmixup import XMixupModel
-from test_pipeline import SMALL, make_cfg
+from test_pipeline import SMALL, make_cfg, run_path
 from test_translate_qa import qa_data  # noqa: F401  (fixture)
 
 METHODS = ["zero_shot", "translate_test", "lora", "input_fusion", "xmixup", "flare_mt", "flare"]
@@ -65,8 +65,8 @@ def test_every_method_end_to_end(tmp_path, qa_data, model, task):  # noqa: F811
         assert result["method"] == method
         assert metrics["n"] == (12 if task == "tydiqa" else 24)
         assert 0 <= metrics[metric] <= 1
-        path = tmp_path / "runs" / task / model / result["mt"] / method / result["lang"] / "seed100" / "results.json"
-        assert path.is_file()
+        path = run_path(tmp_path, f"runs/{task}/{model}/{result['mt']}/{method}/{result['lang']}/seed100")
+        assert (path / "results.json").is_file()
         stage2 = result["stage2_train"]
         if method not in ("zero_shot", "translate_test"):
             assert stage2["steps"] >= 1

@@ -13,12 +13,20 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from flare_exp.pipeline import ConfigError, run, stage1_dir, validate
+from flare_exp.results import run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 GROUPS = ["model", "task", "method", "lang", "mt", "train", "tracking"]
 SMALL = ["task=demo", "mt=gold", "data.max_train=48", "data.max_test=24", "train.epochs=1",
          "train.batch_size=16", "train.lr=1e-3", "train.eval_batch_size=32"]
+
+
+def run_path(root: Path, rel: str) -> Path:
+    """The one run directory ``rel`` + ``-<run id>`` (e.g. runs/demo/tiny-bert/gold/flare/dma/seed100)."""
+    found = sorted(Path(root).glob(rel + "-*"))
+    assert len(found) == 1, (rel, found)
+    return found[0]
 
 
 def make_cfg(overrides, tmp_path=None):
@@ -84,7 +92,7 @@ def test_end_to_end_every_method_with_cached_stage1(tmp_path, model, capsys):
     stage1_dirs = list((tmp_path / "stage1").glob("*/*/*"))
     assert [p.name for p in stage1_dirs if not p.name.endswith(".lock")] == [stage1_dir(cfg).name]
     for method, result in results.items():
-        path = tmp_path / "runs/demo" / model / "gold" / method / "dmb/seed100/results.json"
+        path = run_path(tmp_path, f"runs/demo/{model}/gold/{method}/dmb/seed100") / "results.json"
         on_disk = json.loads(path.read_text())
         assert on_disk["metrics"] == result["metrics"]
         assert on_disk["metrics"]["n"] == 24 and 0 <= on_disk["metrics"]["accuracy"] <= 1
@@ -111,7 +119,7 @@ def test_multirun_two_methods_two_languages(tmp_path):
     done = _run_py(["-m", "model=tiny-bert", "method=lora,flare", "lang=dma,dmb", *SMALL,
                     f"output_dir={tmp_path}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = sorted(tmp_path.glob("runs/demo/tiny-bert/gold/*/*/seed100/results.json"))
+    results = sorted(tmp_path.glob("runs/demo/tiny-bert/gold/*/*/seed100-*/results.json"))
     assert [(p.parts[-4], p.parts[-3]) for p in results] == [
         ("flare", "dma"), ("flare", "dmb"), ("lora", "dma"), ("lora", "dmb")]
     summaries = list(tmp_path.glob("sweeps/*/summary.csv"))
@@ -146,9 +154,9 @@ def test_task_model_specialisation_applies_to_its_pair_only():
 def test_wandb_offline_run_is_written_inside_the_run_directory(tmp_path):
     cfg = make_cfg(["model=tiny-bert", "lang=dma", "method=zero_shot", "tracking=offline", *SMALL], tmp_path)
     result = run(cfg)
-    run_path = tmp_path / "runs/demo/tiny-bert/gold/zero_shot/dma/seed100"
-    assert list(run_path.glob("wandb/offline-run-*")), "no offline W&B run in the run directory"
-    assert json.loads((run_path / "results.json").read_text())["metrics"] == result["metrics"]
+    folder = run_path(tmp_path, "runs/demo/tiny-bert/gold/zero_shot/dma/seed100")
+    assert list(folder.glob("wandb/offline-run-*")), "no offline W&B run in the run directory"
+    assert json.loads((folder / "results.json").read_text())["metrics"] == result["metrics"]
 
 
 def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
@@ -165,7 +173,7 @@ def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"output_dir={out}"], cwd=tmp_path,
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = out / "runs/demo/tiny-bert/gold/flare/dma/seed100/checkpoint"
+    checkpoint = run_dir(make_cfg(args, out)) / "checkpoint"
     deadline = time.time() + 300
     while not (checkpoint / "state.pt").is_file() and job.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -179,14 +187,15 @@ def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
     assert not checkpoint.exists()
 
     def record(root):
-        path = root / "runs/demo/tiny-bert/gold/flare/dma/seed100"
+        path = run_path(root, "runs/demo/tiny-bert/gold/flare/dma/seed100")
         result = json.loads((path / "results.json").read_text())
         return result["metrics"], result["stage2_train"]["steps"], (path / "predictions.jsonl").read_text()
 
     expected, got = record(tmp_path / "straight"), record(out)
     assert got == expected
-    straight_loss = json.loads((tmp_path / "straight/runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").read_text())
-    killed_loss = json.loads((out / "runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").read_text())
+    straight_loss = json.loads((run_path(tmp_path / "straight", "runs/demo/tiny-bert/gold/flare/dma/seed100")
+                                / "results.json").read_text())
+    killed_loss = json.loads((run_path(out, "runs/demo/tiny-bert/gold/flare/dma/seed100") / "results.json").read_text())
     assert killed_loss["stage2_train"]["last_epoch_loss"] == pytest.approx(straight_loss["stage2_train"]["last_epoch_loss"], abs=1e-6)
 
 
@@ -195,7 +204,7 @@ def test_two_job_sweep_through_submitit_local(tmp_path):
     done = _run_py(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "model=tiny-bert",
                     "method=lora,flare", "lang=dma", *SMALL, f"output_dir={tmp_path}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = sorted(p.parts[-4] for p in tmp_path.glob("runs/demo/tiny-bert/gold/*/dma/seed100/results.json"))
+    results = sorted(p.parts[-4] for p in tmp_path.glob("runs/demo/tiny-bert/gold/*/dma/seed100-*/results.json"))
     assert results == ["flare", "lora"]
     (summary,) = tmp_path.glob("sweeps/*/summary.csv")
     assert len(summary.read_text().splitlines()) == 3  # header + two jobs
@@ -208,7 +217,7 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
                    cwd=tmp_path)
     assert done.returncode == 1
     assert "FAILED job 1" in done.stdout and "no language 'sw'" in done.stdout
-    assert (tmp_path / "runs/demo/tiny-bert/gold/lora/dma/seed100/results.json").is_file()
+    assert (run_path(tmp_path, "runs/demo/tiny-bert/gold/lora/dma/seed100") / "results.json").is_file()
     (summary,) = tmp_path.glob("sweeps/*/summary.csv")
     assert "dma" in summary.read_text()
 
@@ -220,3 +229,43 @@ def test_every_model_config_states_its_adapter_layout():
             assert key in cfg, f"{path.name} lacks {key}"
         assert cfg.prompt_format == ("head" if cfg.kind == "encoder" else "plain")
         assert cfg.padding_side == ("left" if cfg.kind == "decoder" else "right")
+
+
+def test_a_run_is_identified_by_every_setting_that_changes_its_result(tmp_path, capsys):
+    base = ["model=tiny-bert", "lang=dma", "method=lora", *SMALL]
+    first = run(make_cfg([*base, "train.lr=1e-3"], tmp_path))
+    second = run(make_cfg([*base, "train.lr=2e-3"], tmp_path))
+    assert "[skipped" not in capsys.readouterr().out
+    assert first["run_id"] != second["run_id"]
+    assert first["identity"]["train"]["lr"] == 1e-3 and second["identity"]["train"]["lr"] == 2e-3
+    assert first["stage2_train"]["last_epoch_loss"] != second["stage2_train"]["last_epoch_loss"]
+    runs = sorted(tmp_path.glob("runs/demo/tiny-bert/gold/lora/dma/seed100-*/results.json"))
+    assert len(runs) == 2
+    # The same settings again: skipped, the first run's record returned. Where it is written,
+    # tracked or placed does not make another run.
+    again = run(make_cfg([*base, "train.lr=1e-3", "train.checkpoint_every=7", "device=cpu"], tmp_path))
+    assert "[skipped" in capsys.readouterr().out and again == first
+
+    # Both appear in a summary, never averaged into one cell.
+    from flare_exp.results import format_table, load_results
+
+    frame = load_results(runs)
+    assert sorted(frame["method"]) == ["lora [train.lr=0.001]", "lora [train.lr=0.002]"]
+    assert "lora [train.lr=0.002]" in format_table(frame, "accuracy")
+
+
+def test_a_capped_smoke_run_never_stands_in_for_the_full_run(tmp_path, capsys):
+    base = ["model=tiny-bert", "lang=dma", "method=zero_shot", *[o for o in SMALL if "max_test" not in o]]
+    smoke = run(make_cfg([*base, "data.max_test=8"], tmp_path))
+    full = run(make_cfg([*base, "data.max_test=24"], tmp_path))
+    assert "[skipped" not in capsys.readouterr().out
+    assert smoke["metrics"]["n"] == 8 and full["metrics"]["n"] == 24
+
+
+def test_a_results_file_of_other_settings_is_not_taken_for_this_run(tmp_path):
+    cfg = make_cfg(["model=tiny-bert", "lang=dma", "method=zero_shot", *SMALL], tmp_path)
+    result = run(cfg)
+    path = run_dir(cfg) / "results.json"
+    path.write_text(json.dumps({**result, "identity": {**result["identity"], "seed": 7}}))
+    with pytest.raises(ConfigError, match="holds a run of other settings"):
+        run(cfg)

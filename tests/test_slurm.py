@@ -43,7 +43,7 @@ def test_two_job_array_through_the_slurm_launcher(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Submitit 'slurm'" in done.stderr + done.stdout
-    finished = sorted(p.parts[-4] for p in tmp_path.glob("runs/demo/tiny-bert/gold/*/dma/seed100/results.json"))
+    finished = sorted(p.parts[-4] for p in tmp_path.glob("runs/demo/tiny-bert/gold/*/dma/seed100-*/results.json"))
     assert finished == ["flare", "lora"]
     (summary,) = tmp_path.glob("sweeps/*/summary.csv")
     assert len(summary.read_text().splitlines()) == 3
@@ -75,5 +75,5 @@ def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
     assert job.returncode == 1, output[-3000:]
     assert f"SLURM job {killed}" in output and "CANCELLED" in output
     assert "1 job(s) of the sweep failed" in output
-    assert (tmp_path / "runs/demo/tiny-bert/gold/zero_shot/dma/seed100/results.json").is_file()
-    assert not (tmp_path / "runs/demo/tiny-bert/gold/flare/dma/seed100/results.json").exists()
+    assert list(tmp_path.glob("runs/demo/tiny-bert/gold/zero_shot/dma/seed100-*/results.json"))
+    assert not list(tmp_path.glob("runs/demo/tiny-bert/gold/flare/dma/seed100-*/results.json"))

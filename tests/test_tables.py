@@ -13,9 +13,10 @@ from flare_exp.tables import build, expected_runs, paired_bootstrap
 LABELS = ["negative", "neutral", "positive"]
 
 
-def write_run(root: Path, method: str, correct: int, n: int = 10, seed: int = 100):
+def write_run(root: Path, method: str, correct: int, n: int = 10, seed: int = 100, folder: Path | None = None,
+              identity: dict | None = None):
     """A finished demo run whose first ``correct`` of ``n`` predictions are right."""
-    folder = root / "runs/demo/minilm/gold" / method / "dmb" / f"seed{seed}"
+    folder = folder or root / "runs/demo/minilm/gold" / method / "dmb" / f"seed{seed}"
     folder.mkdir(parents=True)
     rows = []
     for i in range(n):
@@ -26,7 +27,7 @@ def write_run(root: Path, method: str, correct: int, n: int = 10, seed: int = 10
     result = {"task": "demo", "model": "minilm", "mt": "gold", "method": method, "lang": "dmb", "seed": seed,
               "headline_metric": "accuracy", "metrics": {"accuracy": correct / n, "macro_f1": 0.0, "n": n,
                                                          "invalid": 0},
-              "stage1_english": {"accuracy": 1.0}}
+              "stage1_english": {"accuracy": 1.0}, **({"identity": identity} if identity else {})}
     (folder / "results.json").write_text(json.dumps(result))
     return folder
 
@@ -38,8 +39,9 @@ def test_expected_runs_of_an_experiment(tmp_path):
 
 
 def test_table_snapshot_and_missing_runs(tmp_path, capsys):
+    folders = {choice["method"]: folder for choice, folder in expected_runs("demo", [f"output_dir={tmp_path}"])}
     for method, correct in [("zero_shot", 4), ("lora", 8), ("flare", 9)]:
-        write_run(tmp_path, method, correct)
+        write_run(tmp_path, method, correct, folder=folders[method])
     report = build("demo", [f"output_dir={tmp_path}"], tmp_path / "tables", samples=200)
     assert report["declared"] == 4 and report["finished"] == 3
     assert report["missing"] == [{"method": "translate_test"}]

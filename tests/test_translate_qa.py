@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from flare_exp.metrics import exact_match, normalize_answer, qa_metrics, token_f1
 from flare_exp.translate import (FakeTranslator, NLLBTranslator, build_tiny_nllb, locate_answer, mark_answer,
                                  nllb_code, project_qa, translate_examples)
-from test_pipeline import SMALL, make_cfg
+from test_pipeline import SMALL, make_cfg, run_path
 from flare_exp.pipeline import run
 
 
@@ -164,7 +164,7 @@ def test_tydiqa_end_to_end_with_fake_translator(tmp_path, qa_data, model):
     caches = sorted(p.relative_to(tmp_path) for p in (tmp_path / "translations").rglob("*.jsonl"))
     assert [str(p) for p in caches] == ["translations/tydiqa/test/x-en-sw/fake.jsonl",
                                         "translations/tydiqa/train/en-x-sw/fake.jsonl"]
-    rows = [json.loads(l) for l in (tmp_path / "runs/tydiqa" / model / "fake/translate_test/sw/seed100/predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (run_path(tmp_path, f"runs/tydiqa/{model}/fake/translate_test/sw/seed100") / "predictions.jsonl").read_text().splitlines()]
     # Translate-test answers are English spans translated back into the target language.
     assert all(r["prediction"] == " ".join(f"swh:{w}" for w in r["output"].split(" ")) or not r["output"].strip()
                for r in rows)
