@@ -18,10 +18,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .methods import method_for
 from .paper_results import METHODS
 
 POINTER = "run.json"  # written into Hydra's job folder: where this job's results went
-METHOD_DEFAULTS = {"fusion": "add_relu", "alignment": "position", "mask_source_padding": True, "heads": 1}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -40,21 +40,6 @@ def write_lines_atomic(path: Path, rows: list[dict]) -> None:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(staging, path)
-
-
-def method_label(method_cfg: DictConfig) -> str:
-    """The method's name plus what differs from its defaults (``flare-mul-proportional``)."""
-    parts = [method_cfg.name]
-    if method_cfg.stage2 in ("flare", "flare_mt"):
-        if method_cfg.fusion != METHOD_DEFAULTS["fusion"]:
-            parts.append(method_cfg.fusion)
-        if method_cfg.fusion == "cross_attention" and method_cfg.heads != 1:
-            parts.append(f"h{method_cfg.heads}")
-        if method_cfg.alignment != METHOD_DEFAULTS["alignment"]:
-            parts.append(method_cfg.alignment)
-        if not method_cfg.mask_source_padding:
-            parts.append("unmasked")
-    return "-".join(parts)
 
 
 # Config entries that cannot change a run's result: where it is written, how it is tracked, where
@@ -82,7 +67,7 @@ def run_identity(cfg: DictConfig) -> dict:
 def run_dir(cfg: DictConfig) -> Path:
     """``runs/<task>/<model>/<mt>/<method label>/<lang>/seed<k>-<hash of the run identity>``."""
     return (Path(cfg.output_dir) / "runs" / cfg.task.name / cfg.model.name / cfg.mt.name
-            / method_label(cfg.method) / cfg.lang.code / f"seed{cfg.seed}-{config_hash(run_identity(cfg), 8)}")
+            / method_for(cfg.method).label / cfg.lang.code / f"seed{cfg.seed}-{config_hash(run_identity(cfg), 8)}")
 
 
 def git_commit() -> str | None:
@@ -109,12 +94,13 @@ def tracker(cfg: DictConfig, directory: Path, enabled: bool = True):
         return
     import wandb
 
+    method = method_for(cfg.method)
     directory.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=cfg.tracking.project, entity=cfg.tracking.entity, mode=cfg.tracking.mode,
         dir=str(directory), group=cfg.experiment_name or f"{cfg.task.name}-{cfg.model.name}",
-        name=f"{method_label(cfg.method)}-{cfg.lang.code}-seed{cfg.seed}",
-        tags=[cfg.method.name, cfg.lang.code, f"seed{cfg.seed}", cfg.task.name, cfg.model.name],
+        name=f"{method.label}-{cfg.lang.code}-seed{cfg.seed}",
+        tags=[method.name, cfg.lang.code, f"seed{cfg.seed}", cfg.task.name, cfg.model.name],
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     try:

@@ -196,7 +196,8 @@ def pipeline_timings(step_seconds: float, batch: int) -> dict:
 
     from flare_exp.data import load_examples
     from flare_exp.models import load_tokenizer
-    from flare_exp.pipeline import ensure_stage1, make_batcher
+    from flare_exp.pipeline import make_batcher
+    from flare_exp.stage1 import ensure_stage1
     from flare_exp.translate import FakeTranslator, translate_examples
 
     work = scratch("bench-pipeline-")

@@ -16,7 +16,8 @@ from flare_exp.data.collate import SEPARATOR, concatenate_inputs
 from flare_exp.flare import FlareConfig, get_flare_model
 from flare_exp.flare.mt import FlareMTModel, load_mt_encoder
 from flare_exp.models import load_base_model, load_tokenizer
-from flare_exp.pipeline import _lora_config, make_batcher, run
+from flare_exp.methods import lora_config as _lora_config
+from flare_exp.pipeline import make_batcher, run
 from flare_exp.train import train_model
 from flare_exp.translate import build_tiny_nllb
 from flare_exp.xmixup import XMixupModel
@@ -169,3 +170,21 @@ def test_gradient_checkpointing_runs_for_every_stage2_method(tmp_path, method):
     result = run(cfg)
     assert result["config"]["train"]["gradient_checkpointing"] is True
     assert result["stage2_train"]["steps"] >= 1 and result["metrics"]["n"] == 24
+
+
+def test_every_method_config_has_its_class_and_only_the_methods_read_it():
+    import re
+
+    from flare_exp.methods import METHODS, method_for
+    from test_pipeline import CONF, ROOT
+
+    names = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+    assert names == sorted(METHODS)
+    for name in names:
+        method = method_for(make_cfg([f"method={name}"]).method)
+        assert method.name == name and method.label == name  # the defaults name no setting
+    flare = method_for(make_cfg(["method=flare", "method.fusion=mul", "method.mask_source_padding=false"]).method)
+    assert flare.label == "flare-mul-unmasked"
+    for path in sorted((ROOT / "flare_exp").rglob("*.py")):
+        if path.name != "methods.py":
+            assert not re.findall(r"cfg\.method\.\w+|cfg\.method\.get", path.read_text()), path

@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from flare_exp.pipeline import ConfigError, run, stage1_dir, validate
+from flare_exp.pipeline import ConfigError, run, validate
+from flare_exp.stage1 import stage1_dir
 from flare_exp.results import run_dir
 
 ROOT = Path(__file__).resolve().parent.parent

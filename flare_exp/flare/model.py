@@ -37,7 +37,9 @@ def disable_cpu_bf16_repack(model: nn.Module) -> int:
     return count
 
 
-def _is_quantized(model: nn.Module) -> bool:
+def keeps_stage1_adapter(model: nn.Module) -> bool:
+    """The one rule for stage 1 under a stage-2 adapter: on 4-bit weights it stays a frozen
+    adapter (merging would re-quantise them); on full-precision weights it is merged in."""
     linear4bit = _linear4bit_class()
     return linear4bit is not None and any(isinstance(m, linear4bit[0]) for m in model.modules())
 
@@ -304,7 +306,7 @@ def _split_stage1(model: nn.Module):
         return model, None
     if len(model.peft_config) != 1:
         raise ValueError("A stage-1 model must hold exactly one adapter.")
-    if not _is_quantized(model):
+    if not keeps_stage1_adapter(model):
         return model.merge_and_unload(), None
     name = model.active_adapter
     check_lora_options(model.peft_config[name], "stage-1 adapter")

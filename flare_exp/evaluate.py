@@ -1,0 +1,59 @@
+"""Evaluation: predictions of a model on examples (a label, an answer span or a generated
+answer) and their scores."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import classification_metrics, parse_label, qa_metrics
+from .train import to_device as _to
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()
+
+
+@torch.no_grad()
+def predict(model, batcher, examples: list[dict], english: list[dict] | None, eval_batch_size: int,
+            device, max_new_tokens: int, desc: str) -> list[dict]:
+    """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples``: a label (None
+    where a generated output names none) or an answer string."""
+    model.eval()
+    rows = []
+    for start in tqdm(range(0, len(examples), eval_batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        chunk = examples[start:start + eval_batch_size]
+        source = english[start:start + eval_batch_size] if english is not None else None
+        batch = batcher(chunk, source, train=False)
+        if batcher.kind == "encoder" and batcher.qa:
+            spans = {k: batch.pop(k) for k in ("_rows", "_offsets", "_sequence_ids")}
+            out = model(**_to(batch, device))
+            outputs = batcher.best_spans(chunk, spans["_rows"], spans["_offsets"], spans["_sequence_ids"],
+                                         out.start_logits.float().cpu(), out.end_logits.float().cpu())
+            predictions = outputs
+        elif batcher.kind == "encoder":
+            batch.pop("labels")
+            logits = model(**_to(batch, device)).logits
+            outputs = [batcher.labels[i] for i in logits.argmax(-1).tolist()]
+            predictions = outputs
+        else:
+            batch = _to(batch, device)
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=batcher.tokenizer.pad_token_id)
+            if batcher.kind == "decoder":  # decoders return prompt + answer, encoder-decoders the answer
+                generated = generated[:, batch["input_ids"].shape[1]:]
+            outputs = batcher.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            if batcher.qa:
+                predictions = [_first_line(o) for o in outputs]
+            else:
+                predictions = [parse_label(o, batcher.labels) for o in outputs]
+        for ex, output, prediction in zip(chunk, outputs, predictions):
+            gold = [a["text"] for a in ex["answers"]] if batcher.qa else ex["label"]
+            rows.append({"id": ex["id"], "gold": gold, "prediction": prediction, "output": output})
+    return rows
+
+
+def score(rows: list[dict], batcher) -> dict:
+    if batcher.qa:
+        return qa_metrics([r["prediction"] for r in rows], [r["gold"] for r in rows])
+    return classification_metrics([r["gold"] for r in rows], [r["prediction"] for r in rows], batcher.labels)

@@ -1,0 +1,99 @@
+"""Data pairing: the target-language examples of a run and their English versions.
+
+Gold (the human English of a parallel dataset, ``mt=gold``), translate-train (the English
+training set translated into the target language) and translate-test (the target test set
+translated into English), through the translation cache that every method and seed share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .data import DataError, load_examples
+from .translate import (FakeTranslator, NLLBTranslator, cache_file, nllb_code, project_qa, translate_examples)
+
+
+def examples(cfg: DictConfig, lang: str, split: str) -> list[dict]:
+    rows = load_examples(cfg.task.name, lang, split, cfg.data.dir)
+    cap = cfg.data.max_train if split == "train" else cfg.data.max_test if split == "test" else None
+    return rows[: int(cap)] if cap else rows
+
+
+def paired(cfg: DictConfig, lang: str, split: str) -> tuple[list[dict], list[dict]]:
+    """Target examples and their human English versions (parallel data, ``mt=gold``)."""
+    target, english = examples(cfg, lang, split), examples(cfg, "en", split)
+    if len(target) != len(english) or any(t["label"] != e["label"] for t, e in zip(target, english)):
+        raise DataError(f"{cfg.task.name} {split} data in {lang} is not parallel to the English data.")
+    return target, english
+
+
+class LazyTranslator:
+    """The configured MT system, loaded only when the cache lacks a translation."""
+
+    def __init__(self, cfg: DictConfig, device):
+        self.cfg, self.device, self._impl = cfg, device, None
+        mt = cfg.mt
+        self.name = mt.name if mt.name == "fake" else f"{mt.name}-beams{mt.beams}-len{mt.max_length}"
+
+    def translate(self, texts, src, tgt):
+        if self._impl is None:
+            mt = self.cfg.mt
+            self._impl = FakeTranslator() if mt.name == "fake" else NLLBTranslator(
+                mt.model, beams=mt.beams, max_length=mt.max_length, batch_size=mt.batch_size, device=self.device)
+        return self._impl.translate(texts, src, tgt)
+
+
+def _cache(cfg: DictConfig, split: str, direction: str, translator) -> Path:
+    return cache_file(Path(cfg.output_dir) / "translations", cfg.task.name, split, direction, cfg.lang.code,
+                      translator.name)
+
+
+def training_pairs(cfg: DictConfig, translator) -> tuple[list[dict], list[dict], dict]:
+    """Stage-2 training data: target-language examples and their English versions.
+
+    ``mt=gold``: the human target side of a parallel dataset. Otherwise translate-train: the
+    English training set translated into the target language (QA answers carried through the
+    translation by markers; examples whose markers are lost or duplicated are dropped).
+    """
+    if cfg.mt.name == "gold":
+        targets, english = paired(cfg, cfg.lang.code, "train")
+        return targets, english, {}
+    english = examples(cfg, "en", "train")
+    src, tgt = "eng_Latn", nllb_code(cfg.lang)
+    path = _cache(cfg, "train", "en-x", translator)
+    if cfg.task.type == "qa":
+        targets, counts = project_qa(english, translator, src, tgt, path, cfg.mt.batch_size,
+                                     desc=f"translate-train en->{cfg.lang.code}")
+        by_id = {ex["id"]: ex for ex in english}
+        return targets, [by_id[t["id"]] for t in targets], {"answer_projection": counts}
+    fields = list(cfg.task.fields)
+    translated = translate_examples(english, fields, src, tgt, translator, path, cfg.mt.batch_size,
+                                    desc=f"translate-train en->{cfg.lang.code}")
+    return [{**ex, **t} for ex, t in zip(english, translated)], english, {}
+
+
+def test_pairs(cfg: DictConfig, translator, english: bool = True) -> tuple[list[dict], list[dict] | None]:
+    """The target test set and its English version (human under ``mt=gold``, else
+    translate-test), or None where ``english`` is not needed."""
+    if cfg.mt.name == "gold":
+        return paired(cfg, cfg.lang.code, "test")
+    test = examples(cfg, cfg.lang.code, "test")
+    if not english:
+        return test, None
+    translated = translate_examples(test, list(cfg.task.fields), nllb_code(cfg.lang), "eng_Latn", translator,
+                                    _cache(cfg, "test", "x-en", translator), cfg.mt.batch_size,
+                                    desc=f"translate-test {cfg.lang.code}->en")
+    return test, [{**ex, **t} for ex, t in zip(test, translated)]
+
+
+def back_translate_answers(cfg: DictConfig, rows: list[dict], translator, out: Path) -> None:
+    """Translate-test QA answers are English spans: translate them into the target language,
+    which the gold answers are in (the English answer stays in ``output``)."""
+    answers = [{"id": r["id"], "answer": r["prediction"] or ""} for r in rows]
+    translated = translate_examples(answers, ["answer"], "eng_Latn", nllb_code(cfg.lang), translator,
+                                    out / "answers-en-x" / f"{translator.name}.jsonl", cfg.mt.batch_size,
+                                    desc="translate answers back")
+    for row, fields in zip(rows, translated):
+        row["output"], row["prediction"] = row["prediction"], fields["answer"]
