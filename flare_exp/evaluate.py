@@ -24,33 +24,33 @@ def predict(model, batcher, examples: list[dict], english: list[dict] | None, ev
     for start in tqdm(range(0, len(examples), eval_batch_size), desc=desc, unit="batch", dynamic_ncols=True):
         chunk = examples[start:start + eval_batch_size]
         source = english[start:start + eval_batch_size] if english is not None else None
-        batch = batcher(chunk, source, train=False)
-        if batcher.kind == "encoder" and batcher.qa:
-            spans = {k: batch.pop(k) for k in ("_rows", "_offsets", "_sequence_ids")}
-            out = model(**_to(batch, device))
-            outputs = batcher.best_spans(chunk, spans["_rows"], spans["_offsets"], spans["_sequence_ids"],
-                                         out.start_logits.float().cpu(), out.end_logits.float().cpu())
-            predictions = outputs
-        elif batcher.kind == "encoder":
-            batch.pop("labels")
-            logits = model(**_to(batch, device)).logits
-            outputs = [batcher.labels[i] for i in logits.argmax(-1).tolist()]
-            predictions = outputs
-        else:
-            batch = _to(batch, device)
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=batcher.tokenizer.pad_token_id)
-            if batcher.kind == "decoder":  # decoders return prompt + answer, encoder-decoders the answer
-                generated = generated[:, batch["input_ids"].shape[1]:]
-            outputs = batcher.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            if batcher.qa:
-                predictions = [_first_line(o) for o in outputs]
-            else:
-                predictions = [parse_label(o, batcher.labels) for o in outputs]
+        outputs, predictions = _predict_batch(model, batcher, chunk, source, device, max_new_tokens)
         for ex, output, prediction in zip(chunk, outputs, predictions):
             gold = [a["text"] for a in ex["answers"]] if batcher.qa else ex["label"]
             rows.append({"id": ex["id"], "gold": gold, "prediction": prediction, "output": output})
     return rows
+
+
+def _predict_batch(model, batcher, chunk, source, device, max_new_tokens) -> tuple[list, list]:
+    """(raw outputs, predictions) of one batch: spans, classes, or parsed generations."""
+    if batcher.kind == "encoder" and batcher.qa:
+        batch, layout = batcher.encode(chunk, source, train=False)
+        out = model(**_to(batch, device))
+        spans = batcher.best_spans(chunk, layout, out.start_logits.float().cpu(), out.end_logits.float().cpu())
+        return spans, spans
+    batch = _to(batcher(chunk, source, train=False), device)
+    if batcher.kind == "encoder":
+        batch.pop("labels")
+        classes = [batcher.labels[i] for i in model(**batch).logits.argmax(-1).tolist()]
+        return classes, classes
+    generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=batcher.tokenizer.pad_token_id)
+    if batcher.kind == "decoder":  # decoders return prompt + answer, encoder-decoders the answer
+        generated = generated[:, batch["input_ids"].shape[1]:]
+    outputs = batcher.tokenizer.batch_decode(generated, skip_special_tokens=True)
+    if batcher.qa:
+        return outputs, [_first_line(o) for o in outputs]
+    return outputs, [parse_label(o, batcher.labels) for o in outputs]
 
 
 def score(rows: list[dict], batcher) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 INVALID = None  # a generated output that names no label
 
 
@@ -23,15 +25,23 @@ def accuracy(gold: list[str], predicted: list[str | None]) -> float:
 
 
 def macro_f1(gold: list[str], predicted: list[str | None], labels: list[str]) -> float:
-    """Mean over ``labels`` of per-class F1 (0 for a class never predicted nor present);
-    invalid predictions count as wrong for every class."""
+    """Mean over the task's ``labels`` of per-class F1 (0 for a class never predicted nor
+    present); invalid predictions count as wrong for every class."""
+    if len(gold) != len(predicted):
+        raise ValueError("gold and predicted differ in length.")
+    return float(macro_f1_rows(np.array([gold], dtype=object), np.array([predicted], dtype=object), labels)[0])
+
+
+def macro_f1_rows(gold: np.ndarray, predicted: np.ndarray, labels: list[str]) -> np.ndarray:
+    """``macro_f1`` of every row of two (rows x examples) arrays at once (bootstrap resamples)."""
     scores = []
     for label in labels:
-        tp = sum(g == label and p == label for g, p in zip(gold, predicted, strict=True))
-        fp = sum(g != label and p == label for g, p in zip(gold, predicted, strict=True))
-        fn = sum(g == label and p != label for g, p in zip(gold, predicted, strict=True))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / len(scores)
+        tp = ((gold == label) & (predicted == label)).sum(1)
+        fp = ((gold != label) & (predicted == label)).sum(1)
+        fn = ((gold == label) & (predicted != label)).sum(1)
+        denominator = 2 * tp + fp + fn
+        scores.append(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0))
+    return np.mean(scores, axis=0)
 
 
 def classification_metrics(gold, predicted, labels) -> dict:

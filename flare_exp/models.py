@@ -27,10 +27,6 @@ def package_path(spec: str) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / rest
 
 
-def needs_hub(model_cfg: DictConfig) -> bool:
-    return model_cfg.source == "hub"
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False

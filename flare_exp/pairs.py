@@ -30,7 +30,8 @@ def paired(cfg: DictConfig, lang: str, split: str) -> tuple[list[dict], list[dic
 
 
 class LazyTranslator:
-    """The configured MT system, loaded only when the cache lacks a translation."""
+    """The configured MT system, loaded only when the cache lacks a translation. Its ``name``
+    (the MT config's name, beams and length) names the translation caches."""
 
     def __init__(self, cfg: DictConfig, device):
         self.cfg, self.device, self._impl = cfg, device, None

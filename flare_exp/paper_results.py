@@ -2,7 +2,6 @@
 accuracy, TyDiQA-GoldP exact match, NusaX macro-F1. The rows our paper tables line up against."""
 
 METHODS = ("zero_shot", "translate_test", "lora", "xmixup", "input_fusion", "flare_mt", "flare")
-MODELS = ("xlmr-large", "mt5-xl", "llama3.1-8b", "gemma2-9b")
 
 _TABLES = {
     "xnli": {
@@ -24,7 +23,6 @@ _TABLES = {
         "gemma2-9b": (71.61, 71.61, 79.37, 79.94, 77.98, 78.09, 80.86),
     },
 }
-METRIC = {"xnli": "accuracy", "tydiqa": "exact_match", "nusax": "macro_f1"}
 
 
 def paper_value(task: str, model: str, method: str) -> float | None:

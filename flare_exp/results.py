@@ -19,7 +19,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .methods import method_for
-from .paper_results import METHODS
 
 POINTER = "run.json"  # written into Hydra's job folder: where this job's results went
 
@@ -109,71 +108,6 @@ def tracker(cfg: DictConfig, directory: Path, enabled: bool = True):
         run.finish()
 
 
-def load_results(paths) -> "pandas.DataFrame":  # noqa: F821
-    """One row per results.json. Runs of one (task, model, mt, method) whose settings differ in
-    anything but language and seed (two learning rates, a capped smoke run beside the full run)
-    get those settings in their method name (``lora [train.lr=0.002]``), so no table averages
-    them into one cell; ``setting`` holds them alone."""
-    import pandas as pd
-
-    rows, identities = [], []
-    for path in paths:
-        result = json.loads(Path(path).read_text())
-        row = {k: result[k] for k in ("task", "model", "mt", "method", "lang", "seed")}
-        row.update({k: v for k, v in result["metrics"].items()})
-        row["english_score"] = result.get("stage1_english", {}).get(result.get("headline_metric", "accuracy"))
-        row["run_dir"] = str(Path(path).parent)
-        rows.append(row)
-        identities.append(_flatten(result.get("identity", {})))
-    frame = pd.DataFrame(rows)
-    settings = _differing_settings(rows, identities)
-    frame["setting"] = settings
-    if any(settings):
-        frame["method"] = [m + (f" [{s}]" if s else "") for m, s in zip(frame["method"], settings)]
-    return frame
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _differing_settings(rows: list[dict], identities: list[dict]) -> list[str]:
-    """For each run, ``key=value`` of the identity entries (other than the language's and the
-    seed) that differ between runs of its (task, model, mt, method)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault((row["task"], row["model"], row["mt"], row["method"]), []).append(i)
-    keys = sorted({k for identity in identities for k in identity if not k.startswith("lang.") and k != "seed"})
-    differing = [k for k in keys if any(len({json.dumps(identities[i].get(k), sort_keys=True) for i in members}) > 1
-                                        for members in groups.values())]
-    return [", ".join(f"{k}={identity.get(k)}" for k in differing) for identity in identities]
-
-
-def method_order(labels) -> list[str]:
-    """Method labels in the paper's row order (settings after their method), others last."""
-    def key(label):
-        base = label.split(" [")[0].split("-")[0]
-        return (METHODS.index(base) if base in METHODS else len(METHODS), label)
-    return sorted(labels, key=key)
-
-
-def format_table(frame, metric: str) -> str:
-    """Methods x languages (mean over seeds), in percent, as a small text table."""
-    pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
-    pivot = pivot.reindex(method_order(pivot.index))
-    english = frame["english_score"].dropna()
-    lines = [pivot.round(2).to_string()]
-    if len(english):
-        lines.append(f"English test {metric} of the stage-1 model: {100 * english.mean():.2f}")
-    return "\n".join(lines)
-
-
 class SweepSummary(Callback):
     """After a multirun: one CSV of every job's results and a methods x languages table."""
 
@@ -196,6 +130,8 @@ class SweepSummary(Callback):
 
     @staticmethod
     def _report(config: DictConfig, sweep: Path, results: list, failed: int) -> None:
+        from .tables import format_table, load_results
+
         frame = load_results(results)
         csv_path = sweep / "summary.csv"
         frame.to_csv(csv_path, index=False)

@@ -19,11 +19,75 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import normalize_answer, token_f1
-from .paper_results import paper_value
-from .results import load_results, method_order, run_dir
+from .metrics import macro_f1_rows, normalize_answer, token_f1
+from .paper_results import METHODS, paper_value
+from .results import run_dir
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+# -- loading and naming results ----------------------------------------------------------------
+def load_results(paths) -> pd.DataFrame:
+    """One row per results.json. Runs of one (task, model, mt, method) whose settings differ in
+    anything but language and seed (two learning rates, a capped smoke run beside the full run)
+    get those settings in their method name (``lora [train.lr=0.002]``), so no table averages
+    them into one cell; ``setting`` holds them alone."""
+    rows, identities = [], []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        row = {k: result[k] for k in ("task", "model", "mt", "method", "lang", "seed")}
+        row.update({k: v for k, v in result["metrics"].items()})
+        row["english_score"] = result.get("stage1_english", {}).get(result.get("headline_metric", "accuracy"))
+        row["run_dir"] = str(Path(path).parent)
+        rows.append(row)
+        identities.append(_flatten(result.get("identity", {})))
+    frame = pd.DataFrame(rows)
+    settings = _differing_settings(rows, identities)
+    frame["setting"] = settings
+    if any(settings):
+        frame["method"] = [m + (f" [{s}]" if s else "") for m, s in zip(frame["method"], settings)]
+    return frame
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differing_settings(rows: list[dict], identities: list[dict]) -> list[str]:
+    """For each run, ``key=value`` of the identity entries (other than the language's and the
+    seed) that differ between runs of its (task, model, mt, method)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row["task"], row["model"], row["mt"], row["method"]), []).append(i)
+    keys = sorted({k for identity in identities for k in identity if not k.startswith("lang.") and k != "seed"})
+    differing = [k for k in keys if any(len({json.dumps(identities[i].get(k), sort_keys=True) for i in members}) > 1
+                                        for members in groups.values())]
+    return [", ".join(f"{k}={identity.get(k)}" for k in differing) for identity in identities]
+
+
+def method_order(labels) -> list[str]:
+    """Method labels in the paper's row order (settings after their method), others last."""
+    def key(label):
+        base = label.split(" [")[0].split("-")[0]
+        return (METHODS.index(base) if base in METHODS else len(METHODS), label)
+    return sorted(labels, key=key)
+
+
+def format_table(frame, metric: str) -> str:
+    """Methods x languages (mean over seeds), in percent, as a small text table."""
+    pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
+    pivot = pivot.reindex(method_order(pivot.index))
+    english = frame["english_score"].dropna()
+    lines = [pivot.round(2).to_string()]
+    if len(english):
+        lines.append(f"English test {metric} of the stage-1 model: {100 * english.mean():.2f}")
+    return "\n".join(lines)
 
 
 # -- which runs an experiment declares -------------------------------------------------------
@@ -131,18 +195,6 @@ def _example_scores(path: Path, metric: str) -> tuple[list[str], np.ndarray, lis
     return ids, np.array([float(r["prediction"] == r["gold"]) for r in rows]), rows
 
 
-def _macro_f1(gold: np.ndarray, predicted: np.ndarray, labels: list) -> np.ndarray:
-    """Macro-F1 of every bootstrap row at once (gold, predicted: resamples x examples)."""
-    scores = []
-    for label in labels:
-        tp = ((gold == label) & (predicted == label)).sum(1)
-        fp = ((gold != label) & (predicted == label)).sum(1)
-        fn = ((gold == label) & (predicted != label)).sum(1)
-        denominator = 2 * tp + fp + fn
-        scores.append(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0))
-    return np.mean(scores, axis=0)
-
-
 def paired_bootstrap(flare_dir: Path, lora_dir: Path, metric: str, samples: int = 1000, seed: int = 0) -> dict:
     """FLARE minus LoRA on the same test examples, and the share of resamples in which FLARE is
     not better (a one-sided p-value)."""
@@ -152,13 +204,13 @@ def paired_bootstrap(flare_dir: Path, lora_dir: Path, metric: str, samples: int 
         raise ValueError(f"{flare_dir} and {lora_dir} scored different examples.")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(ids_f), size=(samples, len(ids_f)))
-    if metric == "macro_f1":
-        labels = sorted({str(r["gold"]) for r in rows_f})
-        gold = np.array([str(r["gold"]) for r in rows_f])
-        pf = np.array([str(r["prediction"]) for r in rows_f])
-        pl = np.array([str(r["prediction"]) for r in rows_l])
-        observed = float(_macro_f1(gold[None], pf[None], labels)[0] - _macro_f1(gold[None], pl[None], labels)[0])
-        diffs = _macro_f1(gold[draws], pf[draws], labels) - _macro_f1(gold[draws], pl[draws], labels)
+    if metric == "macro_f1":  # over the task's labels, as results.json scores it
+        labels = list(json.loads((flare_dir / "results.json").read_text())["config"]["task"]["labels"])
+        gold = np.array([r["gold"] for r in rows_f], dtype=object)
+        pf = np.array([r["prediction"] for r in rows_f], dtype=object)
+        pl = np.array([r["prediction"] for r in rows_l], dtype=object)
+        observed = float(macro_f1_rows(gold[None], pf[None], labels)[0] - macro_f1_rows(gold[None], pl[None], labels)[0])
+        diffs = macro_f1_rows(gold[draws], pf[draws], labels) - macro_f1_rows(gold[draws], pl[draws], labels)
     else:
         observed = float(scores_f.mean() - scores_l.mean())
         diffs = scores_f[draws].mean(1) - scores_l[draws].mean(1)

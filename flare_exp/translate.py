@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 MARKERS = (('"', '"'), ("«", "»"))
 
 
-class MissingTranslationError(RuntimeError):
-    pass
-
-
 def nllb_code(lang_cfg) -> str:
     """The NLLB-200 code of a language, or its configured fallback (logged), or an error."""
     if lang_cfg.nllb:
@@ -53,7 +49,6 @@ class NLLBTranslator:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForSeq2SeqLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.beams, self.max_length, self.batch_size = beams, max_length, batch_size
-        self.name = f"{Path(str(model)).name}-beams{beams}-len{max_length}"
 
     @torch.no_grad()
     def translate(self, texts: list[str], src: str, tgt: str) -> list[str]:
@@ -79,7 +74,6 @@ class FakeTranslator:
     def __init__(self, lose_markers_in: tuple[str, ...] = ()):
         self.lose_markers_in = lose_markers_in  # texts containing one of these lose their markers
         self.calls = 0
-        self.name = "fake"
 
     def translate(self, texts: list[str], src: str, tgt: str) -> list[str]:
         self.calls += 1

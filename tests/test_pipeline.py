@@ -248,7 +248,7 @@ def test_a_run_is_identified_by_every_setting_that_changes_its_result(tmp_path, 
     assert "[skipped" in capsys.readouterr().out and again == first
 
     # Both appear in a summary, never averaged into one cell.
-    from flare_exp.results import format_table, load_results
+    from flare_exp.tables import format_table, load_results
 
     frame = load_results(runs)
     assert sorted(frame["method"]) == ["lora [train.lr=0.001]", "lora [train.lr=0.002]"]

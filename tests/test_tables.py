@@ -27,7 +27,7 @@ def write_run(root: Path, method: str, correct: int, n: int = 10, seed: int = 10
     result = {"task": "demo", "model": "minilm", "mt": "gold", "method": method, "lang": "dmb", "seed": seed,
               "headline_metric": "accuracy", "metrics": {"accuracy": correct / n, "macro_f1": 0.0, "n": n,
                                                          "invalid": 0},
-              "stage1_english": {"accuracy": 1.0}, **({"identity": identity} if identity else {})}
+              "stage1_english": {"accuracy": 1.0}, "config": {"task": {"labels": LABELS}}, **({"identity": identity} if identity else {})}
     (folder / "results.json").write_text(json.dumps(result))
     return folder
 
@@ -73,3 +73,23 @@ def test_paired_bootstrap_p_values(tmp_path):
     assert tie["difference"] == 0 and tie["p_value"] == 1.0
     macro = paired_bootstrap(better, worse, "macro_f1", samples=200)
     assert macro["difference"] > 0 and macro["p_value"] < 0.05
+
+
+def test_bootstrap_macro_f1_is_the_scored_macro_f1(tmp_path):
+    """One macro-F1 over the task's labels: the bootstrap's observed difference equals the
+    difference of the scores results.json holds, also when a label never occurs in the gold."""
+    from flare_exp.metrics import macro_f1
+
+    runs = {}
+    for method, predictions in [("flare", ["negative", "positive", "neutral", None]),
+                                ("lora", ["negative", "negative", "neutral", "neutral"])]:
+        folder = tmp_path / method
+        folder.mkdir()
+        gold = ["negative", "positive", "negative", "positive"]  # "neutral" never the gold label
+        rows = [{"id": str(i), "gold": g, "prediction": p, "output": str(p)} for i, (g, p) in
+                enumerate(zip(gold, predictions))]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "results.json").write_text(json.dumps({"config": {"task": {"labels": LABELS}}}))
+        runs[method] = (folder, macro_f1(gold, predictions, LABELS))
+    result = paired_bootstrap(runs["flare"][0], runs["lora"][0], "macro_f1", samples=50)
+    assert result["difference"] == pytest.approx(100 * (runs["flare"][1] - runs["lora"][1]))

@@ -9,7 +9,20 @@ what position-wise alignment finds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class SpanLayout:
+    """Where the features of an evaluation batch come from: ``rows[f]`` is the example of
+    feature f, ``offsets[f]`` its tokens' character spans, ``sequence_ids[f]`` which tokens are
+    question (0) and context (1)."""
+
+    rows: torch.Tensor
+    offsets: torch.Tensor
+    sequence_ids: list[list[int | None]]
 
 
 class SpanBatcher:
@@ -42,7 +55,13 @@ class SpanBatcher:
         return {f"source_{k}": v[rows] for k, v in encoded.items()}
 
     def __call__(self, examples: list[dict], english: list[dict] | None = None, train: bool = True) -> dict:
+        return self.encode(examples, english, train)[0]
+
+    def encode(self, examples: list[dict], english: list[dict] | None = None,
+               train: bool = True) -> tuple[dict, SpanLayout | None]:
+        """The model batch, and for evaluation (``train=False``) the features' ``SpanLayout``."""
         enc = self.features(examples)
+        layout = None
         rows = enc["overflow_to_sample_mapping"]
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if "token_type_ids" in enc:
@@ -72,9 +91,7 @@ class SpanBatcher:
             batch["start_positions"] = torch.tensor(starts)
             batch["end_positions"] = torch.tensor(ends)
         else:
-            batch["_rows"] = rows
-            batch["_offsets"] = enc["offset_mapping"]
-            batch["_sequence_ids"] = [enc.sequence_ids(f) for f in range(len(rows))]
+            layout = SpanLayout(rows, enc["offset_mapping"], [enc.sequence_ids(f) for f in range(len(rows))])
         if self.mt_tokenizer is not None:
             self.mt_tokenizer.src_lang = self.mt_lang
             mt = self.mt_tokenizer([f"{ex['question']}\n{ex['context']}" for ex in examples], truncation=True,
@@ -82,13 +99,14 @@ class SpanBatcher:
             batch["mt_input_ids"], batch["mt_attention_mask"] = mt["input_ids"][rows], mt["attention_mask"][rows]
         elif english is not None:
             batch.update(self._source(english, rows))
-        return batch
+        return batch, layout
 
-    def best_spans(self, examples, rows, offsets, sequence_ids, start_logits, end_logits, top: int = 20):
+    def best_spans(self, examples, layout: SpanLayout, start_logits, end_logits, top: int = 20):
         """The best-scoring answer text of each example over all its windows."""
         best = [(-float("inf"), "") for _ in examples]
-        for f, row in enumerate(rows.tolist()):
-            context = [i for i, s in enumerate(sequence_ids[f]) if s == 1]
+        offsets = layout.offsets
+        for f, row in enumerate(layout.rows.tolist()):
+            context = [i for i, s in enumerate(layout.sequence_ids[f]) if s == 1]
             if not context:
                 continue
             lo, hi = context[0], context[-1]
