@@ -16,7 +16,7 @@ from .translate import (FakeTranslator, NLLBTranslator, cache_file, nllb_code, p
 
 
 def examples(cfg: DictConfig, lang: str, split: str) -> list[dict]:
-    rows = load_examples(cfg.task.name, lang, split, cfg.data.dir)
+    rows = load_examples(cfg.task, lang, split, cfg.data.dir)
     cap = cfg.data.max_train if split == "train" else cfg.data.max_test if split == "test" else None
     return rows[: int(cap)] if cap else rows
 

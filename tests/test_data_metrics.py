@@ -118,3 +118,45 @@ def test_decoder_batch_masks_prompt_and_carries_prompt_lengths():
     eval_batch = batcher(target, english, train=False)
     assert "labels" not in eval_batch and "target_prompt_lengths" not in eval_batch
     assert torch.equal(eval_batch["source_input_ids"], batch["source_input_ids"])
+
+
+def test_a_new_parallel_classification_task_needs_a_config_file_only(tmp_path):
+    """A task in the documented csv layout: one YAML file, no Python, through the whole pipeline."""
+    from omegaconf import OmegaConf, open_dict
+
+    from flare_exp.pipeline import run
+    from test_pipeline import SMALL, make_cfg
+
+    words = {"en": ["good", "bad"], "sw": ["nzuri", "mbaya"]}
+    for lang, (yes, no) in words.items():
+        for split, n in (("train", 32), ("test", 12)):
+            folder = tmp_path / "data" / "polarity" / lang
+            folder.mkdir(parents=True, exist_ok=True)
+            lines = ["id,sentence,label"] + [f"{i},{yes if i % 2 else no} day {i},{'yes' if i % 2 else 'no'}"
+                                             for i in range(n)]
+            (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    task = OmegaConf.create("""
+name: polarity
+type: classification
+fields: [sentence]
+labels: ["no", "yes"]
+languages: [sw]
+parallel: true
+local: false
+metric: accuracy
+prompt: "{sentence}\\nPolar: "
+max_length: 32
+max_new_tokens: 4
+source:
+  format: csv
+  path: polarity/{code}/{split}.csv
+""")
+    assert load_examples(task, "sw", "test", tmp_path / "data")[3] == {
+        "id": "polarity-test-3", "sentence": "nzuri day 3", "label": "yes"}
+    cfg = make_cfg(["model=tiny-bert", "lang=sw", "method=lora",
+                    *[o for o in SMALL if not o.startswith("task=")]], tmp_path)
+    with open_dict(cfg):
+        cfg.task = task
+        cfg.data.dir = str(tmp_path / "data")
+    result = run(cfg)
+    assert result["task"] == "polarity" and result["metrics"]["n"] == 12

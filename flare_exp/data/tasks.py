@@ -1,37 +1,76 @@
 """Task data: examples for (task, language, split), from the hub or a local data directory.
 
-Every loader returns a list of ``{"id", <text fields>, "label"}`` dicts. For parallel datasets
+What a task's data is lives in its config (``conf/task/<name>.yaml``, key ``source``): the
+format, the local file layout, the file split of each split, the dataset's name of each
+language and the hub dataset. A new parallel classification task in the csv or tsv layout needs
+a config file only. Every loader returns a list of ``{"id", <text fields>, "label"}`` dicts (QA:
+``{"id", "context", "question", "answers": [{"text", "answer_start"}]}``). For parallel datasets
 row i of every language is the same example, which is how a target example finds its English
 version under ``mt=gold``.
 
-Local formats (``data.dir=...``), as in the project's development data:
-* ``nusax_senti/<language name>/{train,valid,test}.csv`` with header ``id,text,label``;
-* ``xnli/{dev,test}-<lang>.tsv``: premise, hypothesis, label; no header, no quoting. XNLI ships
-  no English training set locally, so the local ``train`` split is the dev set (parallel in all
-  15 languages) and ``validation`` its last 10%.
-* ``tydiqa_goldp/{train,dev}/tydiqa.goldp.<lang>.{train,dev}.json`` (SQuAD v1.1 JSON): the dev
-  set is the test split; ``validation`` is the last 10% of train. QA examples are
-  ``{"id", "context", "question", "answers": [{"text", "answer_start"}]}``.
+Formats (``source.format``), local files at ``data.dir``/``source.path`` with ``{split}`` (the
+file split from ``source.splits``), ``{code}`` (the language code) and ``{name}`` (its name in
+``source.names``) filled in:
+* ``csv``: a header ``id,<fields>,label``, one example a row (NusaX-senti);
+* ``tsv``: ``<fields>...<TAB>label`` without header or quoting (XNLI);
+* ``squad``: SQuAD v1.1 JSON (TyDiQA-GoldP);
+* ``demo``: generated (``flare_exp/data/demo.py``).
+Where train and validation map to the same file split (local XNLI has no English training set:
+both come from dev; TyDiQA's validation comes from train), train is its first 90% and
+validation the last 10%.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 from .demo import load_demo
 
-NUSAX_NAMES = {
-    "en": "english", "ace": "acehnese", "ban": "balinese", "bbc": "toba_batak", "bjn": "banjarese",
-    "bug": "buginese", "ind": "indonesian", "jav": "javanese", "mad": "madurese",
-    "min": "minangkabau", "nij": "ngaju", "sun": "sundanese",
-}
-NUSAX_LABELS = ("negative", "neutral", "positive")
-XNLI_LABELS = ("entailment", "neutral", "contradiction")
+SPLITS = ("train", "validation", "test")
+CONF = Path(__file__).resolve().parent.parent.parent / "conf" / "task"
 
 
 class DataError(ValueError):
     """A dataset that is missing or malformed."""
+
+
+def task_config(name: str) -> DictConfig:
+    path = CONF / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"No task {name!r}; choose one of {sorted(p.stem for p in CONF.glob('*.yaml'))}.")
+    return OmegaConf.load(path)
+
+
+def load_examples(task, lang: str, split: str, data_dir: str | Path | None = None) -> list[dict]:
+    """Examples of ``task`` (a task config, or a task's name) in ``lang`` for ``split``."""
+    cfg = task_config(task) if isinstance(task, str) else task
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
+    source = cfg.source
+    if source.format == "demo":
+        return load_demo(lang, split)
+    names = source.get("names")
+    if names is not None and lang not in names:
+        raise ValueError(f"{cfg.name} has languages {sorted(names)}, not {lang!r}.")
+    name = names[lang] if names is not None else lang
+    splits = source.get("splits") or {}
+    if data_dir:
+        file_split = splits.get(split, split)
+        path = Path(data_dir) / source.path.format(split=file_split, code=lang, name=name)
+        rows = READERS[source.format](_need(path), cfg, split, file_split)
+    else:
+        hub = source.hub
+        splits = hub.get("splits") or {}
+        rows = (_squad_hub if source.format == "squad" else _classification_hub)(cfg, lang, name, splits.get(split, split))
+    if split != "test" and splits.get("train", "train") == splits.get("validation", "validation"):
+        cut = len(rows) - len(rows) // 10
+        rows = rows[:cut] if split == "train" else rows[cut:]
+    return rows
 
 
 def _need(path: Path) -> Path:
@@ -40,39 +79,37 @@ def _need(path: Path) -> Path:
     return path
 
 
-def _nusax_local(data_dir: Path, lang: str, split: str) -> list[dict]:
-    name = {"validation": "valid"}.get(split, split)
-    path = _need(data_dir / "nusax_senti" / NUSAX_NAMES[lang] / f"{name}.csv")
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or set(rows[0]) != {"id", "text", "label"}:
-        raise DataError(f"{path} must have the header id,text,label.")
-    for row in rows:
-        if row["label"] not in NUSAX_LABELS:
-            raise DataError(f"{path}: unknown label {row['label']!r} (expected one of {NUSAX_LABELS}).")
-    return [{"id": f"nusax-{split}-{r['id']}", "text": r["text"], "label": r["label"]} for r in rows]
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
 
 
-def _xnli_local(data_dir: Path, lang: str, split: str) -> list[dict]:
-    file_split = "test" if split == "test" else "dev"
-    path = _need(data_dir / "xnli" / f"{file_split}-{lang}.tsv")
+def _check_label(label: str, cfg: DictConfig, where: str) -> str:
+    if label not in cfg.labels:
+        raise DataError(f"{where}: unknown label {label!r} (expected one of {list(cfg.labels)}).")
+    return label
+
+
+def _csv(path: Path, cfg: DictConfig, split: str, file_split: str) -> list[dict]:
+    rows = list(csv.DictReader(io.StringIO(_text(path), newline="")))
+    header = ["id", *cfg.fields, "label"]
+    if not rows or set(rows[0]) != set(header):
+        raise DataError(f"{path} must have the header {','.join(header)}.")
+    return [{"id": f"{cfg.name}-{split}-{r['id']}", **{f: r[f] for f in cfg.fields},
+             "label": _check_label(r["label"], cfg, str(path))} for r in rows]
+
+
+def _tsv(path: Path, cfg: DictConfig, split: str, file_split: str) -> list[dict]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for number, line in enumerate(_text(path).splitlines()):
         parts = line.split("\t")
-        if len(parts) != 3 or parts[2] not in XNLI_LABELS:
-            raise DataError(f"{path}, line {number + 1}: expected premise<TAB>hypothesis<TAB>label.")
-        rows.append({"id": f"xnli-{file_split}-{number}", "premise": parts[0], "hypothesis": parts[1],
-                     "label": parts[2]})
-    if split != "test":
-        cut = len(rows) - len(rows) // 10
-        rows = rows[:cut] if split == "train" else rows[cut:]
+        if len(parts) != len(cfg.fields) + 1 or parts[-1] not in cfg.labels:
+            expected = "<TAB>".join([*cfg.fields, "label"])
+            raise DataError(f"{path}, line {number + 1}: expected {expected} with a label of {list(cfg.labels)}.")
+        rows.append({"id": f"{cfg.name}-{file_split}-{number}", **dict(zip(cfg.fields, parts)), "label": parts[-1]})
     return rows
-
-
-TYDIQA_NAMES = {
-    "en": "english", "ar": "arabic", "bn": "bengali", "fi": "finnish", "id": "indonesian",
-    "ko": "korean", "ru": "russian", "sw": "swahili", "te": "telugu",
-}
 
 
 def _squad_rows(data: dict, source: str) -> list[dict]:
@@ -90,71 +127,40 @@ def _squad_rows(data: dict, source: str) -> list[dict]:
     return rows
 
 
-def _tydiqa_local(data_dir: Path, lang: str, split: str) -> list[dict]:
-    import json
-
-    file_split = "dev" if split == "test" else "train"
-    path = _need(data_dir / "tydiqa_goldp" / file_split / f"tydiqa.goldp.{lang}.{file_split}.json")
+def _squad(path: Path, cfg: DictConfig, split: str, file_split: str) -> list[dict]:
     try:
-        rows = _squad_rows(json.loads(path.read_text(encoding="utf-8")), str(path))
+        return _squad_rows(json.loads(_text(path)), str(path))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise DataError(f"{path} is not SQuAD v1.1 JSON ({error}).") from error
-    if split != "test":
-        cut = len(rows) - len(rows) // 10
-        rows = rows[:cut] if split == "train" else rows[cut:]
-    return rows
 
 
-def _tydiqa_hub(lang: str, split: str) -> list[dict]:
+READERS = {"csv": _csv, "tsv": _tsv, "squad": _squad}
+
+
+def _squad_hub(cfg: DictConfig, lang: str, name: str, split: str) -> list[dict]:
     import datasets
 
-    hub_split = "validation" if split == "test" else "train"
-    data = datasets.load_dataset("google-research-datasets/tydiqa", "secondary_task", split=hub_split)
-    prefix = TYDIQA_NAMES[lang] + "-"
-    rows = [
+    hub = cfg.source.hub
+    data = datasets.load_dataset(hub.path, hub.config, split=split)
+    prefix = hub.id_prefix.format(code=lang, name=name)
+    return [
         {"id": r["id"], "context": r["context"], "question": r["question"],
          "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}
         for r in data if r["id"].startswith(prefix)
     ]
-    if split != "test":
-        cut = len(rows) - len(rows) // 10
-        rows = rows[:cut] if split == "train" else rows[cut:]
-    return rows
 
 
-def _hub(path: str, name: str, split: str, labels: tuple[str, ...], fields: list[str], prefix: str):
+def _classification_hub(cfg: DictConfig, lang: str, name: str, split: str) -> list[dict]:
     import datasets
 
-    data = datasets.load_dataset(path, name, split=split)
-    names = getattr(data.features.get("label"), "names", None) or list(labels)
+    hub = cfg.source.hub
+    config = (hub.get("configs") or {}).get(lang) or hub.config.format(code=lang, name=name)
+    data = datasets.load_dataset(hub.path, config, split=split)
+    names = getattr(data.features.get("label"), "names", None) or list(cfg.labels)
     rows = []
     for i, row in enumerate(data):
         label = row["label"]
         label = names[label] if isinstance(label, int) else label
-        rows.append({"id": f"{prefix}-{split}-{row.get('id', i)}", **{f: row[f] for f in fields}, "label": label})
+        rows.append({"id": f"{cfg.name}-{split}-{row.get('id', i)}", **{f: row[f] for f in cfg.fields},
+                     "label": label})
     return rows
-
-
-def load_examples(task: str, lang: str, split: str, data_dir: str | Path | None = None) -> list[dict]:
-    """Examples of ``task`` in ``lang`` for ``split`` (train, validation or test)."""
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"Unknown split {split!r}.")
-    if task == "demo":
-        return load_demo(lang, split)
-    local = Path(data_dir) if data_dir else None
-    if task == "nusax":
-        if lang not in NUSAX_NAMES:
-            raise ValueError(f"NusaX has languages {sorted(NUSAX_NAMES)}, not {lang!r}.")
-        if local:
-            return _nusax_local(local, lang, split)
-        return _hub("indonlp/NusaX-senti", "eng" if lang == "en" else lang, split,
-                    NUSAX_LABELS, ["text"], "nusax")
-    if task == "xnli":
-        if local:
-            return _xnli_local(local, lang, split)
-        return _hub("facebook/xnli", lang, split, XNLI_LABELS, ["premise", "hypothesis"], "xnli")
-    if task == "tydiqa":
-        if lang not in TYDIQA_NAMES:
-            raise ValueError(f"TyDiQA-GoldP has languages {sorted(TYDIQA_NAMES)}, not {lang!r}.")
-        return _tydiqa_local(local, lang, split) if local else _tydiqa_hub(lang, split)
-    raise ValueError(f"No data loader for task {task!r}.")
