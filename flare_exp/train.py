@@ -97,6 +97,18 @@ class Checkpoint:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def _optimization(model, train_cfg, examples: int):
+    """(trainable parameters, AdamW, linear schedule with warm-up, total optimizer steps)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters.")
+    optimizer = torch.optim.AdamW(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
+    per_epoch = math.ceil(examples / (train_cfg.batch_size * train_cfg.grad_accum))
+    total = int(train_cfg.max_steps) if train_cfg.max_steps else per_epoch * int(train_cfg.epochs)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(total * train_cfg.warmup_ratio), total)
+    return params, optimizer, scheduler, total
+
+
 def train_model(model, batcher, targets: list[dict], english: list[dict] | None, train_cfg, seed: int,
                 device, desc: str, checkpoint: Checkpoint | None = None) -> dict:
     """Train the trainable parameters of ``model`` on ``targets`` (paired with ``english`` for
@@ -116,13 +128,7 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
         runner = DistributedDataParallel(model)
         if rank:
             checkpoint = Checkpoint(None, 0)  # rank 0 writes it
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("The model has no trainable parameters.")
-    optimizer = torch.optim.AdamW(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
-    per_epoch = math.ceil(len(targets) / (train_cfg.batch_size * train_cfg.grad_accum))
-    total = int(train_cfg.max_steps) if train_cfg.max_steps else per_epoch * int(train_cfg.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(total * train_cfg.warmup_ratio), total)
+    params, optimizer, scheduler, total = _optimization(model, train_cfg, len(targets))
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     position = checkpoint.load(model, optimizer, scheduler) or {
