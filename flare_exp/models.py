@@ -128,8 +128,11 @@ def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None
                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
             return BertForSequenceClassification(config) if labels else BertForQuestionAnswering(config)
         if model_cfg.architecture == "llama":
-            config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            size = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2,
+                    **(model_cfg.get("size") or {})}
+            config = LlamaConfig(vocab_size=vocab_size, hidden_size=size["hidden"],
+                                 intermediate_size=size["intermediate"], num_hidden_layers=size["layers"],
+                                 num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
                                  pad_token_id=pad_id, eos_token_id=eos_id, max_position_embeddings=1024)
             return LlamaForCausalLM(config)
         if model_cfg.architecture == "t5":
@@ -143,7 +146,8 @@ def _tiny_model(model_cfg: DictConfig, vocab_size: int, labels: list[str] | None
 def _tiny_folder(model_cfg: DictConfig, tokenizer, labels, cache_dir: Path) -> Path:
     """A tiny model saved once, so that it can be loaded like any other (4-bit included)."""
     head = "qa" if labels is None else f"{len(labels)}"
-    folder = cache_dir / "models" / f"{model_cfg.name}-v{len(tokenizer)}-{head}"
+    size = "".join(f"-{k}{v}" for k, v in sorted((model_cfg.get("size") or {}).items()))
+    folder = cache_dir / "models" / f"{model_cfg.name}-v{len(tokenizer)}-{head}{size}"
     return save_once(folder, lambda staging: _tiny_model(
         model_cfg, len(tokenizer), labels, tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(staging))
 

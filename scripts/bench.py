@@ -29,16 +29,15 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import Memory  # noqa: E402
 
-from flare_exp.flare import FUSIONS, FlareConfig, enable_gradient_checkpointing, get_flare_model  # noqa: E402
-from flare_exp.flare.mt import FlareMTModel, load_mt_encoder  # noqa: E402
+from flare_exp.flare import FUSIONS, enable_gradient_checkpointing  # noqa: E402
+from flare_exp.flare.mt import load_mt_encoder  # noqa: E402
 from flare_exp.translate import build_tiny_nllb  # noqa: E402
-from flare_exp.xmixup import XMixupModel  # noqa: E402
 
 ALL_METHODS = ["lora", *[f"flare-{f}" for f in FUSIONS if f != "none"], "flare_mt", "input_fusion", "xmixup"]
 
@@ -50,61 +49,46 @@ def scratch(prefix: str) -> Path:
     return folder
 
 
-def load_model(name: str, dtype: torch.dtype, quantization: str, device: torch.device):
-    """(fresh, kind): ``fresh()`` returns a new frozen copy of ``tiny``, ``smollm2`` or ``minilm``.
-
-    Every method gets its own copy. NF4 copies are loaded 4-bit from a float folder (the tiny
-    model is saved to a temporary one first) exactly as the pipeline loads them.
-    """
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
-
-    from flare_exp.flare import disable_cpu_bf16_repack
-    from flare_exp.models import _package_model_dir, nf4_config
-
-    kind = "encoder" if name == "minilm" else "decoder"
-    auto = AutoModelForSequenceClassification if kind == "encoder" else AutoModelForCausalLM
-    extra = {"num_labels": 3} if kind == "encoder" else {}
-    if name == "tiny":
-        torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(
-            vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=4, pad_token_id=0))
-        folder = scratch("bench-tiny-")
-        base.save_pretrained(folder)
-    else:
-        root = Path(__file__).resolve().parent.parent
-        cfg = OmegaConf.load(root / "conf" / "model" / f"{'smollm2-135m' if name == 'smollm2' else 'minilm'}.yaml")
-        folder = _package_model_dir(cfg, root / "outputs" / "cache")
-    if quantization == "nf4":
-        kwargs = {"dtype": dtype, "device_map": {"": str(device)}, "quantization_config": nf4_config(dtype)}
-    else:
-        kwargs = {"dtype": dtype}
-
-    def fresh():
-        torch.manual_seed(0)  # the same classification head for every method
-        model = auto.from_pretrained(folder, **kwargs, **extra)
-        if quantization != "nf4":
-            model = model.to(device)
-        disable_cpu_bf16_repack(model)
-        model.config.use_cache = True
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-
-    return fresh, kind
+# The benchmark's models: the pipeline's model configs (the tiny Llama at a compute-bound size).
+MODELS = {"tiny": ["model=tiny-llama", "model.size.hidden=512", "model.size.intermediate=1536",
+                   "model.size.layers=8", "model.size.heads=8", "model.size.kv_heads=4"],
+          "smollm2": ["model=smollm2-135m"], "minilm": ["model=minilm"]}
 
 
-def build(method: str, model, kind: str, mt_encoder):
-    targets = "all-linear" if kind == "decoder" else ["query", "value"]
+def bench_cfg(model: str, method: str, dtype: str, quantization: str, work: Path):
+    """The pipeline's config of ``method`` (``flare-<fusion>`` for FLARE) on the benchmark model."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     if method.startswith("flare-"):
-        return get_flare_model(model, FlareConfig(fusion=method.split("-", 1)[1], target_modules=targets))
-    if method == "flare_mt":
-        flare = get_flare_model(model, FlareConfig(target_modules=targets))
-        encoder, width = mt_encoder
-        return FlareMTModel(flare, encoder, width, flare.hf_model.config.hidden_size)
-    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets), adapter_name="stage2")
-    return XMixupModel(lora, "stage2") if method == "xmixup" else lora
+        choice = ["method=flare", f"method.fusion={method.split('-', 1)[1]}"]
+    else:
+        choice = [f"method={method}"] + (["method.encoder=tiny"] if method == "flare_mt" else [])
+    GlobalHydra.instance().clear()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            *MODELS[model], *choice, "task=demo", "lang=dmb", "mt=gold", f"model.dtype={dtype}",
+            f"model.quantization={quantization}", f"output_dir={work}"])
+
+
+def build(method: str, args, device: torch.device, mt_encoder):
+    """(model, kind): a fresh base model loaded by the pipeline's loader, a stage-1 LoRA adapter
+    on it (B = 0: the base model itself; merged, or kept frozen on 4-bit weights, as in the
+    pipeline) and the method's stage-2 model from the pipeline's method factory."""
+    from flare_exp.methods import lora_config, method_for
+    from flare_exp.models import load_base_model, load_tokenizer
+
+    work = scratch("bench-config-")
+    cfg = bench_cfg(args.model, method, args.dtype, args.quantization, work)
+    cache = Path(__file__).resolve().parent.parent / "outputs" / "cache"
+    tokenizer = load_tokenizer(cfg.model, cache)
+    labels = list(cfg.task.labels) if cfg.model.kind == "encoder" else None
+    base = load_base_model(cfg.model, tokenizer, labels, device, cache, seed=0)
+    base.config.use_cache = not args.gradient_checkpointing
+    stage1 = get_peft_model(base, lora_config(cfg))
+    model = method_for(cfg.method).build(cfg, stage1, mt_encoder)
+    return model.to(device) if args.quantization != "nf4" else model, cfg.model.kind
 
 
 def batch_for(method: str, kind: str, batch: int, length: int, vocab: int, mt_vocab: int, seed: int,
@@ -253,7 +237,6 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fresh, kind = load_model(args.model, getattr(torch, args.dtype), args.quantization, device)
     methods = [m for m in args.methods.split(",") if m]
     if "lora" not in methods:
         methods.insert(0, "lora")
@@ -264,10 +247,11 @@ def main() -> None:
     if "flare_mt" in methods:
         encoder, tokenizer, width = load_mt_encoder(str(build_tiny_nllb(scratch("bench-nllb-") / "nllb")), device)
         mt_encoder, mt_vocab = (encoder, width), len(tokenizer)
-    models = {m: build(m, fresh(), kind, mt_encoder).to(device) for m in methods}
+    models = {}
+    for method in methods:
+        models[method], kind = build(method, args, device, mt_encoder)
     if args.gradient_checkpointing:
         for model in models.values():
-            next(m for m in model.modules() if isinstance(m, PreTrainedModel)).config.use_cache = False
             enable_gradient_checkpointing(model)
     optimizers = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad], lr=1e-4) for m in methods}
     vocab = next(m for m in models["lora"].modules() if isinstance(m, PreTrainedModel)).config.vocab_size
