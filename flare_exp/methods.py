@@ -38,10 +38,11 @@ def method_for(method_cfg: DictConfig) -> "Method":
     return METHODS[method_cfg.name](method_cfg)
 
 
-def lora_config(cfg: DictConfig, modules_to_save=None) -> LoraConfig:
-    """The LoRA adapter of stage 1 and of the LoRA-based stage-2 methods."""
-    targets = cfg.model.lora_targets
-    return LoraConfig(r=cfg.train.r, lora_alpha=cfg.train.alpha, lora_dropout=cfg.train.dropout,
+def lora_config(model_cfg: DictConfig, settings: DictConfig, modules_to_save=None) -> LoraConfig:
+    """The LoRA adapter of stage 1 (``settings``: ``cfg.stage1``) and of the LoRA-based stage-2
+    methods (``cfg.train``)."""
+    targets = model_cfg.lora_targets
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=targets if isinstance(targets, str) else list(targets),
                       modules_to_save=modules_to_save)
 
@@ -113,12 +114,12 @@ class Lora(Method):
         torch.manual_seed(cfg.seed)
         if keeps_stage1_adapter(stage1):
             # Merging would re-quantise 4-bit weights: stage 1 stays as a frozen adapter.
-            stage1.add_adapter(STAGE2_ADAPTER, lora_config(cfg))
+            stage1.add_adapter(STAGE2_ADAPTER, lora_config(cfg.model, cfg.train))
             stage1.base_model.set_adapter([STAGE2_ADAPTER, stage1.active_adapter])
             for name, param in stage1.named_parameters():
                 param.requires_grad_(f".{STAGE2_ADAPTER}." in name)
             return stage1
-        return get_peft_model(stage1.merge_and_unload(), lora_config(cfg), adapter_name=STAGE2_ADAPTER)
+        return get_peft_model(stage1.merge_and_unload(), lora_config(cfg.model, cfg.train), adapter_name=STAGE2_ADAPTER)
 
 
 @register

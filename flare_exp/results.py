@@ -44,7 +44,7 @@ def write_lines_atomic(path: Path, rows: list[dict]) -> None:
 # Config entries that cannot change a run's result: where it is written, how it is tracked, where
 # it runs, how it is grouped, how often it checkpoints, the evaluation batch size.
 NOT_IDENTITY = ("hydra", "output_dir", "tracking", "force", "device", "stage", "experiment_name",
-                "train.checkpoint_every", "train.eval_batch_size")
+                "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every")
 
 
 def config_hash(data: dict, length: int) -> str:

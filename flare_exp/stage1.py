@@ -26,7 +26,8 @@ def stage1_key(cfg: DictConfig) -> str:
     identity = {
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "train": OmegaConf.to_container(cfg.train, resolve=True),
+        "stage1": {k: v for k, v in OmegaConf.to_container(cfg.stage1, resolve=True).items()
+                   if k != "checkpoint_every"},
         "seed": cfg.seed,
         "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "max_train": cfg.data.max_train},
     }
@@ -70,9 +71,9 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
         if cfg.model.kind == "encoder":
             head = ["qa_outputs"] if cfg.task.type == "qa" else ["classifier"]
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(base, lora_config(cfg, head))
-        resume = Checkpoint(final.with_name(f".{final.name}.checkpoint"), int(cfg.train.checkpoint_every))
-        stats = train_model(model, batcher, english_train, None, cfg.train, cfg.seed, device,
+        model = get_peft_model(base, lora_config(cfg.model, cfg.stage1, head))
+        resume = Checkpoint(final.with_name(f".{final.name}.checkpoint"), int(cfg.stage1.checkpoint_every))
+        stats = train_model(model, batcher, english_train, None, cfg.stage1, cfg.seed, device,
                             desc=f"stage 1 {cfg.task.name} en", checkpoint=resume)
         if rank == 0:
             english_test = examples(cfg, "en", "test")

@@ -86,7 +86,7 @@ def build(method: str, args, device: torch.device, mt_encoder):
     labels = list(cfg.task.labels) if cfg.model.kind == "encoder" else None
     base = load_base_model(cfg.model, tokenizer, labels, device, cache, seed=0)
     base.config.use_cache = not args.gradient_checkpointing
-    stage1 = get_peft_model(base, lora_config(cfg))
+    stage1 = get_peft_model(base, lora_config(cfg.model, cfg.stage1))
     model = method_for(cfg.method).build(cfg, stage1, mt_encoder)
     return model.to(device) if args.quantization != "nf4" else model, cfg.model.kind
 
@@ -190,7 +190,8 @@ def pipeline_timings(step_seconds: float, batch: int) -> dict:
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "model=tiny-llama", "task=demo", "lang=dmb", "mt=gold", "method=flare", f"output_dir={work}",
-            "data.max_train=64", "data.max_test=16", "train.epochs=1", "train.batch_size=16"])
+            "data.max_train=64", "data.max_test=16", "train.epochs=1", "train.batch_size=16",
+            "stage1.epochs=1", "stage1.batch_size=16"])
     tokenizer = load_tokenizer(cfg.model, work)
     batcher = make_batcher(cfg, tokenizer)
     cpu = torch.device("cpu")

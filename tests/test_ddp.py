@@ -96,7 +96,8 @@ def test_torchrun_pipeline_matches_one_process(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     args = ["model=tiny-bert", "task=demo", "mt=gold", "method=flare", "lang=dma", "data.max_train=48",
-            "data.max_test=24", "train.epochs=1", "train.batch_size=16"]
+            "data.max_test=24", "train.epochs=1", "train.batch_size=16",
+            "stage1.epochs=1", "stage1.batch_size=16"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     for name, prefix in (("one", [sys.executable]), ("two", launcher)):

@@ -103,13 +103,13 @@ def test_input_fusion_feeds_both_texts(tmp_path):
 def _stage1(cfg, tmp_path):
     tokenizer = load_tokenizer(cfg.model, tmp_path)
     base = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), torch.device("cpu"), tmp_path, cfg.seed)
-    return tokenizer, get_peft_model(base, _lora_config(cfg, None))
+    return tokenizer, get_peft_model(base, _lora_config(cfg.model, cfg.stage1))
 
 
 def test_xmixup_ratio_stays_below_lambda0_and_trains(tmp_path):
     cfg = _demo_cfg("tiny-llama", "xmixup", tmp_path)
     tokenizer, stage1 = _stage1(cfg, tmp_path)
-    model = XMixupModel(get_peft_model(stage1.merge_and_unload(), _lora_config(cfg), adapter_name="stage2"),
+    model = XMixupModel(get_peft_model(stage1.merge_and_unload(), _lora_config(cfg.model, cfg.train), adapter_name="stage2"),
                         "stage2", layers=[0, 1], lambda0=0.5)
     batcher = make_batcher(cfg, tokenizer)
     batch = batcher(load_examples("demo", "dmb", "train")[:8], load_examples("demo", "en", "train")[:8])
@@ -166,7 +166,7 @@ def test_4bit_stage2_flare_gives_every_lora_parameter_a_gradient(tmp_path):
 @pytest.mark.parametrize("method", ["flare_mt", "xmixup"])
 def test_gradient_checkpointing_runs_for_every_stage2_method(tmp_path, method):
     cfg = make_cfg(["model=tiny-llama", f"method={method}", "lang=dmb", *SMALL, "++method.encoder=tiny",
-                    "train.gradient_checkpointing=true"], tmp_path)
+                    "train.gradient_checkpointing=true", "stage1.gradient_checkpointing=true"], tmp_path)
     result = run(cfg)
     assert result["config"]["train"]["gradient_checkpointing"] is True
     assert result["stage2_train"]["steps"] >= 1 and result["metrics"]["n"] == 24

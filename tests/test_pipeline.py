@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 GROUPS = ["model", "task", "method", "lang", "mt", "train", "tracking"]
 SMALL = ["task=demo", "mt=gold", "data.max_train=48", "data.max_test=24", "train.epochs=1",
-         "train.batch_size=16", "train.lr=1e-3", "train.eval_batch_size=32"]
+         "train.batch_size=16", "train.lr=1e-3", "train.eval_batch_size=32", "stage1.epochs=1",
+         "stage1.batch_size=16", "stage1.lr=1e-3"]
 
 
 def run_path(root: Path, rel: str) -> Path:
@@ -236,7 +237,10 @@ def test_a_run_is_identified_by_every_setting_that_changes_its_result(tmp_path, 
     base = ["model=tiny-bert", "lang=dma", "method=lora", *SMALL]
     first = run(make_cfg([*base, "train.lr=1e-3"], tmp_path))
     second = run(make_cfg([*base, "train.lr=2e-3"], tmp_path))
-    assert "[skipped" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[skipped" not in out
+    assert out.count("Training stage 1") == 1  # a stage-2 setting reuses the cached stage 1
+    assert first["stage1"] == second["stage1"]
     assert first["run_id"] != second["run_id"]
     assert first["identity"]["train"]["lr"] == 1e-3 and second["identity"]["train"]["lr"] == 2e-3
     assert first["stage2_train"]["last_epoch_loss"] != second["stage2_train"]["last_epoch_loss"]
@@ -253,6 +257,14 @@ def test_a_run_is_identified_by_every_setting_that_changes_its_result(tmp_path, 
     frame = load_results(runs)
     assert sorted(frame["method"]) == ["lora [train.lr=0.001]", "lora [train.lr=0.002]"]
     assert "lora [train.lr=0.002]" in format_table(frame, "accuracy")
+
+
+def test_a_stage1_setting_trains_another_stage1(tmp_path, capsys):
+    base = ["model=tiny-bert", "lang=dma", "method=zero_shot", *SMALL]
+    first = run(make_cfg(base, tmp_path))
+    second = run(make_cfg([*base, "stage1.lr=5e-3"], tmp_path))
+    assert capsys.readouterr().out.count("Training stage 1") == 2
+    assert first["stage1"]["dir"] != second["stage1"]["dir"] and first["run_id"] != second["run_id"]
 
 
 def test_a_capped_smoke_run_never_stands_in_for_the_full_run(tmp_path, capsys):

@@ -29,7 +29,8 @@ pytestmark = [
 ]
 LAUNCH = ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
-          "model=tiny-bert", "task=demo", "mt=gold", "lang=dma", "data.max_test=24", "train.batch_size=16"]
+          "model=tiny-bert", "task=demo", "mt=gold", "lang=dma", "data.max_test=24", "train.batch_size=16",
+          "stage1.batch_size=16"]
 
 
 def _env():
@@ -39,7 +40,7 @@ def _env():
 
 def test_two_job_array_through_the_slurm_launcher(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=lora,flare", "data.max_train=48",
-                           "train.epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
+                           "train.epochs=1", "stage1.epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Submitit 'slurm'" in done.stderr + done.stdout
@@ -52,7 +53,7 @@ def test_two_job_array_through_the_slurm_launcher(tmp_path):
 
 def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
     job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=zero_shot,flare",
-                            "train.epochs=40", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
+                            "train.epochs=40", "stage1.epochs=40", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
     deadline = time.time() + 600
