@@ -152,12 +152,13 @@ def _tiny_folder(model_cfg: DictConfig, tokenizer, labels, cache_dir: Path) -> P
         model_cfg, len(tokenizer), labels, tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(staging))
 
 
-def nf4_config(compute_dtype: torch.dtype):
-    """The 4-bit quantization every NF4 model loads with (double quantization on)."""
+def nf4_config(compute_dtype: torch.dtype, double_quant: bool = False):
+    """The 4-bit NF4 quantization of a model (double quantization off by default, as the
+    official code loads it; ``model.double_quant`` turns it on)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=True)
+                              bnb_4bit_use_double_quant=double_quant)
 
 
 def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.device, cache_dir: Path, seed: int):
@@ -166,7 +167,8 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
     Encoders get a sequence-classification head with ``labels`` (initialised from ``seed``), or
     a span (question answering) head where ``labels`` is None; decoders are causal LMs and
     encoder-decoders seq2seq LMs. ``quantization: nf4`` loads 4-bit NF4 weights with the
-    configured compute dtype (tiny models too, through a saved copy).
+    configured compute dtype (tiny models too, through a saved copy; ``double_quant``);
+    ``attn_implementation`` (eager, sdpa, ...) where the model config sets one.
     """
     from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
@@ -183,8 +185,10 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
         else:
             source = model_cfg.path
         kwargs = {"dtype": dtype}
+        if model_cfg.get("attn_implementation"):
+            kwargs["attn_implementation"] = model_cfg.attn_implementation
         if model_cfg.quantization == "nf4":
-            kwargs["quantization_config"] = nf4_config(dtype)
+            kwargs["quantization_config"] = nf4_config(dtype, bool(model_cfg.get("double_quant", False)))
             kwargs["device_map"] = {"": str(device)}
         elif model_cfg.quantization != "none":
             raise ValueError(f"Unknown quantization {model_cfg.quantization!r} (none or nf4).")
@@ -202,6 +206,8 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if model_cfg.quantization != "nf4":
         model = model.to(device)
+    if model_cfg.get("attn_implementation") and model.config._attn_implementation != model_cfg.attn_implementation:
+        model.set_attn_implementation(model_cfg.attn_implementation)  # tiny models built from config
     disable_cpu_bf16_repack(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:

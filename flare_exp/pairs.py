@@ -36,13 +36,15 @@ class LazyTranslator:
     def __init__(self, cfg: DictConfig, device):
         self.cfg, self.device, self._impl = cfg, device, None
         mt = cfg.mt
-        self.name = mt.name if mt.name == "fake" else f"{mt.name}-beams{mt.beams}-len{mt.max_length}"
+        self.max_length = cfg.task.get("mt_max_length") or mt.get("max_length")
+        beams = mt.get("beams") or "default"
+        self.name = mt.name if mt.name == "fake" else f"{mt.name}-beams{beams}-len{self.max_length}"
 
     def translate(self, texts, src, tgt):
         if self._impl is None:
             mt = self.cfg.mt
             self._impl = FakeTranslator() if mt.name == "fake" else NLLBTranslator(
-                mt.model, beams=mt.beams, max_length=mt.max_length, batch_size=mt.batch_size, device=self.device)
+                mt.model, beams=mt.beams, max_length=self.max_length, batch_size=mt.batch_size, device=self.device)
         return self._impl.translate(texts, src, tgt)
 
 

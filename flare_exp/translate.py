@@ -37,9 +37,10 @@ def nllb_code(lang_cfg) -> str:
 
 
 class NLLBTranslator:
-    """NLLB-200 (or any NLLB-shaped seq2seq model) with length-sorted batches."""
+    """NLLB-200 (or any NLLB-shaped seq2seq model) with length-sorted batches; ``beams=None``
+    decodes with the model's own generation settings."""
 
-    def __init__(self, model: str, beams: int = 4, max_length: int = 256, batch_size: int = 16,
+    def __init__(self, model: str, beams: int | None = None, max_length: int = 256, batch_size: int = 16,
                  device: str | torch.device = "cpu", dtype: str = "auto"):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -60,8 +61,9 @@ class NLLBTranslator:
             chunk = order[start:start + self.batch_size]
             batch = self.tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                                    truncation=True, max_length=self.max_length).to(self.device)
-            generated = self.model.generate(**batch, forced_bos_token_id=target_id, num_beams=self.beams,
-                                            max_length=self.max_length)
+            decoding = {"num_beams": self.beams} if self.beams else {}  # None: the model's own settings
+            generated = self.model.generate(**batch, forced_bos_token_id=target_id, max_length=self.max_length,
+                                            **decoding)
             for i, text in zip(chunk, self.tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 out[i] = text
         return out

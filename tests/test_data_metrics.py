@@ -160,3 +160,39 @@ source:
         cfg.data.dir = str(tmp_path / "data")
     result = run(cfg)
     assert result["task"] == "polarity" and result["metrics"]["n"] == 12
+
+
+def test_tydiqa_trains_on_its_whole_train_file_and_validates_on_its_last_tenth(tmp_path):
+    from test_translate_qa import squad_file
+
+    squad_file(tmp_path / "tydiqa_goldp/train/tydiqa.goldp.en.train.json", "en", 40, 1)
+    train = load_examples("tydiqa", "en", "train", tmp_path)
+    validation = load_examples("tydiqa", "en", "validation", tmp_path)
+    assert len(train) == 40 and [r["id"] for r in validation] == [r["id"] for r in train[-4:]]
+    xnli = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf/task/xnli.yaml")
+    assert xnli.source.get("holdout", True)  # XNLI's local train and validation stay disjoint
+
+
+def test_model_settings_reach_the_loaded_model(tmp_path):
+    from flare_exp.models import load_base_model, load_tokenizer, nf4_config
+    from test_pipeline import make_cfg
+
+    cfg = make_cfg(["model=tiny-llama", "++model.attn_implementation=eager"])
+    tokenizer = load_tokenizer(cfg.model, tmp_path)
+    model = load_base_model(cfg.model, tokenizer, None, torch.device("cpu"), tmp_path, 0)
+    assert model.config._attn_implementation == "eager"
+    assert nf4_config(torch.bfloat16).bnb_4bit_use_double_quant is False
+    assert nf4_config(torch.bfloat16, double_quant=True).bnb_4bit_use_double_quant is True
+    gemma = make_cfg(["model=gemma2-9b"]).model
+    assert gemma.attn_implementation == "eager" and gemma.double_quant is False
+
+
+def test_translation_settings_per_task(tmp_path):
+    from flare_exp.pairs import LazyTranslator
+    from test_pipeline import make_cfg
+
+    tydiqa = LazyTranslator(make_cfg(["task=tydiqa", "mt=nllb_3_3b"]), "cpu")
+    xnli = LazyTranslator(make_cfg(["task=xnli", "mt=nllb_3_3b"]), "cpu")
+    assert (tydiqa.max_length, xnli.max_length) == (768, 256)
+    assert tydiqa.name == "nllb_3_3b-beamsdefault-len768"
+    assert make_cfg(["method=flare_mt"]).method.encoder == "facebook/nllb-200-3.3B"

@@ -16,8 +16,8 @@ file split from ``source.splits``), ``{code}`` (the language code) and ``{name}`
 * ``squad``: SQuAD v1.1 JSON (TyDiQA-GoldP);
 * ``demo``: generated (``flare_exp/data/demo.py``).
 Where train and validation map to the same file split (local XNLI has no English training set:
-both come from dev; TyDiQA's validation comes from train), train is its first 90% and
-validation the last 10%.
+both come from dev; TyDiQA's validation comes from train), validation is its last 10% and train
+the first 90%, or the whole file with ``source.holdout: false`` (TyDiQA, as the official code).
 """
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ def load_examples(task, lang: str, split: str, data_dir: str | Path | None = Non
         rows = (_squad_hub if source.format == "squad" else _classification_hub)(cfg, lang, name, splits.get(split, split))
     if split != "test" and splits.get("train", "train") == splits.get("validation", "validation"):
         cut = len(rows) - len(rows) // 10
-        rows = rows[:cut] if split == "train" else rows[cut:]
+        if split == "validation":
+            rows = rows[cut:]
+        elif source.get("holdout", True):  # false: train keeps the whole file
+            rows = rows[:cut]
     return rows
 
 
