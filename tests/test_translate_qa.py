@@ -167,6 +167,12 @@ def test_tydiqa_end_to_end_with_fake_translator(tmp_path, qa_data, model):
     # Translate-test answers are English spans translated back into the target language.
     assert all(r["prediction"] == " ".join(f"swh:{w}" for w in r["output"].split(" ")) or not r["output"].strip()
                for r in rows)
+    # Both scores are reported: back-translated (headline) and the English answers as they are.
+    translate_test = results["translate_test"]
+    untranslated = translate_test["metrics_without_back_translation"]
+    assert untranslated["n"] == 12 and untranslated.keys() == translate_test["metrics"].keys()
+    assert qa_metrics([r["output"] for r in rows], [r["gold"] for r in rows]) == untranslated
+    assert "metrics_without_back_translation" not in results["flare"]
 
 
 def test_translate_stage_reports(tmp_path, qa_data, capsys):
