@@ -17,7 +17,7 @@ from .translate import (FakeTranslator, NLLBTranslator, cache_file, nllb_code, p
 
 def examples(cfg: DictConfig, lang: str, split: str) -> list[dict]:
     rows = load_examples(cfg.task, lang, split, cfg.data.dir)
-    cap = cfg.data.max_train if split == "train" else cfg.data.max_test if split == "test" else None
+    cap = {"train": cfg.data.max_train, "test": cfg.data.max_test}.get(split, cfg.data.get("max_validation"))
     return rows[: int(cap)] if cap else rows
 
 
@@ -53,27 +53,27 @@ def _cache(cfg: DictConfig, split: str, direction: str, translator) -> Path:
                       translator.name)
 
 
-def training_pairs(cfg: DictConfig, translator) -> tuple[list[dict], list[dict], dict]:
-    """Stage-2 training data: target-language examples and their English versions.
+def training_pairs(cfg: DictConfig, translator, split: str = "train") -> tuple[list[dict], list[dict], dict]:
+    """Stage-2 training (or validation) data: target-language examples and their English versions.
 
     ``mt=gold``: the human target side of a parallel dataset. Otherwise translate-train: the
-    English training set translated into the target language (QA answers carried through the
+    English split translated into the target language (QA answers carried through the
     translation by markers; examples whose markers are lost or duplicated are dropped).
     """
     if cfg.mt.name == "gold":
-        targets, english = paired(cfg, cfg.lang.code, "train")
+        targets, english = paired(cfg, cfg.lang.code, split)
         return targets, english, {}
-    english = examples(cfg, "en", "train")
+    english = examples(cfg, "en", split)
     src, tgt = "eng_Latn", nllb_code(cfg.lang)
-    path = _cache(cfg, "train", "en-x", translator)
+    path = _cache(cfg, split, "en-x", translator)
     if cfg.task.type == "qa":
         targets, counts = project_qa(english, translator, src, tgt, path, cfg.mt.batch_size,
-                                     desc=f"translate-train en->{cfg.lang.code}")
+                                     desc=f"translate-{split} en->{cfg.lang.code}")
         by_id = {ex["id"]: ex for ex in english}
         return targets, [by_id[t["id"]] for t in targets], {"answer_projection": counts}
     fields = list(cfg.task.fields)
     translated = translate_examples(english, fields, src, tgt, translator, path, cfg.mt.batch_size,
-                                    desc=f"translate-train en->{cfg.lang.code}")
+                                    desc=f"translate-{split} en->{cfg.lang.code}")
     return [{**ex, **t} for ex, t in zip(english, translated)], english, {}
 
 

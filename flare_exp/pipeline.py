@@ -28,7 +28,7 @@ from .pairs import LazyTranslator, back_translate_answers, examples, test_pairs,
 from .results import (POINTER, config_hash, git_commit, run_dir, run_identity, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
 from .stage1 import ensure_stage1, load_stage1
-from .train import Checkpoint, train_model
+from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code, translation_quality
 
 
@@ -154,7 +154,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             model = method.build(cfg, model, (mt[0], mt[2]) if mt else None)
             train_stats = train_model(model, batcher, inputs, english, cfg.train, cfg.seed, device,
                                       desc=f"stage 2 {method.label} {cfg.lang.code}",
-                                      checkpoint=Checkpoint(out / "checkpoint", int(cfg.train.checkpoint_every)))
+                                      checkpoint=Checkpoint(out / "checkpoint", int(cfg.train.checkpoint_every)),
+                                      validation=_validation(cfg, method, model, batcher, translator, device))
         test, english_test = test_pairs(cfg, translator, english=method.reads_english_test)
         if rank:
             return None
@@ -186,6 +187,22 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             wandb_run.log({f"test/{k}": v for k, v in metrics.items()})
     print(summary_line(result))
     return result
+
+
+def _validation(cfg: DictConfig, method, model, batcher, translator, device) -> Validation | None:
+    """Model selection on the target validation data (human under ``mt=gold``, else translated
+    like the training data), scored by the task's metric; None with ``train.eval_every=0``."""
+    if cfg.train.get("eval_every") == 0:
+        return None
+    targets, english, _ = training_pairs(cfg, translator, split="validation")
+    inputs, english = method.inputs(targets, english, list(cfg.task.fields), batcher.qa)
+
+    def validate() -> float:
+        rows = predict(model, batcher, inputs, english, cfg.train.eval_batch_size, device,
+                       cfg.task.max_new_tokens, desc=f"validation {method.label} {cfg.lang.code}")
+        return score(rows, batcher)[cfg.task.metric]
+
+    return Validation(validate, cfg.train.get("eval_every"), cfg.task.get("select", "best"))
 
 
 def _finished(out: Path, identity: dict, force: bool) -> dict | None:

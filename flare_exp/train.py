@@ -11,7 +11,9 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +43,58 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return value.item()
 
 
+@dataclass
+class Validation:
+    """Model selection: ``score()`` (the task's metric on validation data, higher is better) is
+    taken every ``every`` optimizer steps (None: a tenth of training) and at the last step;
+    ``select`` is ``best`` (the best-scoring adapter is restored at the end) or ``last``."""
+
+    score: Callable[[], float]
+    every: int | None = None
+    select: str = "best"
+
+    def __post_init__(self):
+        if self.select not in ("best", "last"):
+            raise ValueError(f"Unknown model selection {self.select!r} (best or last).")
+
+
+class _Selection:
+    """The validation curve and the best adapter so far (trainable parameters, on the CPU)."""
+
+    def __init__(self, validation: Validation | None, total: int, saved: dict | None, best: dict | None):
+        self.validation = validation
+        self.every = (validation.every or max(1, round(total / 10))) if validation else 0
+        saved = saved or {"curve": [], "best_step": None, "best_score": None}
+        self.curve, self.best_step, self.best_score = saved["curve"], saved["best_step"], saved["best_score"]
+        self.best = best
+
+    def after_step(self, model, step: int, total: int) -> None:
+        if not self.validation or (step % self.every and step < total):
+            return
+        model.eval()
+        score = float(self.validation.score())
+        model.train()
+        self.curve.append({"step": step, "score": score})
+        if self.validation.select == "best" and (self.best_score is None or score > self.best_score):
+            self.best_step, self.best_score = step, score
+            self.best = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def state(self) -> dict:
+        return {"curve": self.curve, "best_step": self.best_step, "best_score": self.best_score}
+
+    def finish(self, model, step: int) -> dict:
+        """Restore the selected adapter; the curve and the selected step for the record."""
+        if not self.validation:
+            return {}
+        if self.validation.select == "best" and self.best is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.best.items():
+                    params[name].copy_(value)
+        selected = self.best_step if self.validation.select == "best" else step
+        return {"validation": self.curve, "selected_step": selected, "selection": self.validation.select}
+
+
 class Checkpoint:
     """The resumable state of a training run in ``folder``: the trainable parameters
     (safetensors), optimizer, scheduler and RNG states and the position in the data (written by
@@ -56,7 +110,7 @@ class Checkpoint:
     def _aside(self, label: str) -> Path:
         return self.folder.with_name(f"{self.folder.name}.{label}")
 
-    def save(self, model, optimizer, scheduler, position: dict) -> None:
+    def save(self, model, optimizer, scheduler, position: dict, best: dict | None = None) -> None:
         if not self.enabled:
             return
         staging, previous = self._aside("writing"), self._aside("previous")
@@ -64,6 +118,8 @@ class Checkpoint:
         staging.mkdir(parents=True)
         weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(staging / "trainable.safetensors"))
+        if best is not None:  # the best adapter of the model selection so far
+            save_file({n: v.contiguous() for n, v in best.items()}, str(staging / "best.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "position": position}, staging / "state.pt")
         # The last checkpoint moves aside before the new one moves in: a job killed at any
@@ -74,12 +130,13 @@ class Checkpoint:
         staging.rename(self.folder)
         shutil.rmtree(previous, ignore_errors=True)
 
-    def load(self, model, optimizer, scheduler) -> dict | None:
+    def load(self, model, optimizer, scheduler) -> tuple[dict | None, dict | None]:
+        """(position, best adapter of the selection) of the saved state, or (None, None)."""
         if not self.enabled:
-            return None
+            return None, None
         folder = next((f for f in (self.folder, self._aside("previous")) if (f / "state.pt").is_file()), None)
         if folder is None:
-            return None
+            return None, None
         weights = load_file(str(folder / "trainable.safetensors"))
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -89,7 +146,8 @@ class Checkpoint:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        return state["position"]
+        best = folder / "best.safetensors"
+        return state["position"], load_file(str(best)) if best.is_file() else None
 
     def remove(self) -> None:
         if self.folder is not None:
@@ -110,9 +168,11 @@ def _optimization(model, train_cfg, examples: int):
 
 
 def train_model(model, batcher, targets: list[dict], english: list[dict] | None, train_cfg, seed: int,
-                device, desc: str, checkpoint: Checkpoint | None = None) -> dict:
+                device, desc: str, checkpoint: Checkpoint | None = None, validation: Validation | None = None) -> dict:
     """Train the trainable parameters of ``model`` on ``targets`` (paired with ``english`` for
-    FLARE). Returns the mean loss of the first and last epoch and the wall time.
+    FLARE). Returns the mean loss of the first and last epoch and the wall time, and with a
+    ``validation`` the validation curve and the selected step, whose adapter the model holds at
+    the end.
 
     With a ``checkpoint``, the state is saved every ``checkpoint.every`` optimizer steps and a
     restarted job (killed, pre-empted) resumes from it and ends as an uninterrupted one would.
@@ -131,8 +191,9 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     params, optimizer, scheduler, total = _optimization(model, train_cfg, len(targets))
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    position = checkpoint.load(model, optimizer, scheduler) or {
-        "step": 0, "epoch": 0, "group": 0, "epoch_losses": [], "epoch_means": []}
+    position, best = checkpoint.load(model, optimizer, scheduler)
+    position = position or {"step": 0, "epoch": 0, "group": 0, "epoch_losses": [], "epoch_means": []}
+    selection = _Selection(validation, total, position.get("selection"), best)
     if position["step"]:
         print(f"Resuming {desc} from its checkpoint at step {position['step']}/{total}.", flush=True)
     rng = random.Random(seed)
@@ -163,16 +224,19 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
+                selection.after_step(model, step, total)
                 if step >= total:
                     break
                 if checkpoint.enabled and step % checkpoint.every == 0:
                     checkpoint.save(model, optimizer, scheduler, {
                         "step": step, "epoch": position["epoch"], "group": group_start + train_cfg.grad_accum,
-                        "epoch_losses": epoch_losses, "epoch_means": epoch_means})
+                        "epoch_losses": epoch_losses, "epoch_means": epoch_means,
+                        "selection": selection.state()}, selection.best)
             epoch_means.append(sum(epoch_losses) / len(epoch_losses))
             position = {"step": step, "epoch": position["epoch"] + 1, "group": 0, "epoch_losses": [],
-                        "epoch_means": epoch_means}
+                        "epoch_means": epoch_means, "selection": selection.state()}
     model.eval()
+    selected = selection.finish(model, step)
     checkpoint.remove()
     return {"steps": step, "first_epoch_loss": epoch_means[0], "last_epoch_loss": epoch_means[-1],
-            "train_seconds": time.perf_counter() - start}
+            "train_seconds": time.perf_counter() - start, **selected}

@@ -129,7 +129,7 @@ def test_a_new_parallel_classification_task_needs_a_config_file_only(tmp_path):
 
     words = {"en": ["good", "bad"], "sw": ["nzuri", "mbaya"]}
     for lang, (yes, no) in words.items():
-        for split, n in (("train", 32), ("test", 12)):
+        for split, n in (("train", 32), ("validation", 8), ("test", 12)):
             folder = tmp_path / "data" / "polarity" / lang
             folder.mkdir(parents=True, exist_ok=True)
             lines = ["id,sentence,label"] + [f"{i},{yes if i % 2 else no} day {i},{'yes' if i % 2 else 'no'}"

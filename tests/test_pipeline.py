@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 GROUPS = ["model", "task", "method", "lang", "mt", "train", "tracking"]
 SMALL = ["task=demo", "mt=gold", "data.max_train=48", "data.max_test=24", "train.epochs=1",
-         "train.batch_size=16", "train.lr=1e-3", "train.eval_batch_size=32", "stage1.epochs=1",
+         "train.batch_size=16", "train.lr=1e-3", "train.eval_batch_size=32", "data.max_validation=24", "stage1.epochs=1",
          "stage1.batch_size=16", "stage1.lr=1e-3"]
 
 
@@ -102,7 +102,13 @@ def test_end_to_end_every_method_with_cached_stage1(tmp_path, model, capsys):
         predictions = (path.parent / "predictions.jsonl").read_text().splitlines()
         assert len(predictions) == 24
         if method in ("lora", "flare"):
-            assert on_disk["stage2_train"]["steps"] == 3
+            stage2 = on_disk["stage2_train"]
+            assert stage2["steps"] == 3
+            # Validated at every step (a tenth of 3 steps, at least 1), the best one selected.
+            curve = stage2["validation"]
+            assert [v["step"] for v in curve] == [1, 2, 3] and stage2["selection"] == "best"
+            best = max(v["score"] for v in curve)
+            assert stage2["selected_step"] == next(v["step"] for v in curve if v["score"] == best)
     # Stage 1 was trained once: every run's record points at the same stage-1 training.
     assert len({json.dumps(r["stage1"], sort_keys=True) for r in results.values()}) == 1
     capsys.readouterr()

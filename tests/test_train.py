@@ -6,7 +6,25 @@ from unittest import mock
 import pytest
 import torch
 
-from flare_exp.train import Checkpoint
+from omegaconf import OmegaConf
+
+from flare_exp.train import Checkpoint, train_model
+
+
+def _tiny_lora():
+    """A tiny Llama with a LoRA adapter, a batcher of fixed random token rows, 32 examples."""
+    from peft import LoraConfig, get_peft_model
+
+    from tiny import padded_batch, tiny_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids, mask = padded_batch([8] * 32, "left", 3)
+
+    def batcher(examples, english=None, train=True):
+        rows = [ex["row"] for ex in examples]
+        return {"input_ids": ids[rows], "attention_mask": mask[rows], "labels": ids[rows]}
+
+    return model, batcher, [{"row": i} for i in range(32)]
 
 
 def _state(weight: float):
@@ -34,13 +52,40 @@ def test_a_checkpoint_survives_a_kill_between_its_renames(tmp_path):
     assert not checkpoint.folder.exists()
 
     model, optimizer, scheduler = _state(0.0)
-    assert checkpoint.load(model, optimizer, scheduler) == {"step": 2}
+    assert checkpoint.load(model, optimizer, scheduler) == ({"step": 2}, None)
     assert torch.equal(model.weight, torch.full((2, 3), 1.0))
 
     checkpoint.save(*_state(3.0), {"step": 6})  # the next save tidies up
     model, optimizer, scheduler = _state(0.0)
-    assert checkpoint.load(model, optimizer, scheduler) == {"step": 6}
+    assert checkpoint.load(model, optimizer, scheduler) == ({"step": 6}, None)
     assert torch.equal(model.weight, torch.full((2, 3), 3.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     checkpoint.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_model_selection_restores_the_selected_adapter(select):
+    """Validation every 2 steps; the adapter of the best-scoring validation (or the last) is the
+    one the model holds at the end, and the record says which step that was."""
+    from flare_exp.train import Validation
+
+    model, batcher, examples = _tiny_lora()
+    scores, snapshots = iter([0.2, 0.9, 0.4, 0.1]), []
+
+    def score():
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return next(scores)
+
+    cfg = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.0, "batch_size": 4, "grad_accum": 1, "epochs": 1,
+                            "max_steps": 8, "warmup_ratio": 0.0, "gradient_checkpointing": False})
+    stats = train_model(model, batcher, examples, None, cfg, seed=0, device="cpu", desc="select",
+                        validation=Validation(score, every=2, select=select))
+    assert [v["step"] for v in stats["validation"]] == [2, 4, 6, 8]
+    assert [v["score"] for v in stats["validation"]] == [0.2, 0.9, 0.4, 0.1]
+    chosen = 1 if select == "best" else 3
+    assert stats["selected_step"] == 2 * (chosen + 1)
+    final = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for name, value in snapshots[chosen].items():
+        assert torch.equal(final[name], value), name
+    assert not all(torch.equal(snapshots[1][n], snapshots[3][n]) for n in final)  # training moved it

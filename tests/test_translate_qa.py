@@ -162,7 +162,8 @@ def test_tydiqa_end_to_end_with_fake_translator(tmp_path, qa_data, model):
     # One translation cache per (split, direction): reused by every method.
     caches = sorted(p.relative_to(tmp_path) for p in (tmp_path / "translations").rglob("*.jsonl"))
     assert [str(p) for p in caches] == ["translations/tydiqa/test/x-en-sw/fake.jsonl",
-                                        "translations/tydiqa/train/en-x-sw/fake.jsonl"]
+                                        "translations/tydiqa/train/en-x-sw/fake.jsonl",
+                                        "translations/tydiqa/validation/en-x-sw/fake.jsonl"]
     rows = [json.loads(l) for l in (run_path(tmp_path, f"runs/tydiqa/{model}/fake/translate_test/sw/seed100") / "predictions.jsonl").read_text().splitlines()]
     # Translate-test answers are English spans translated back into the target language.
     assert all(r["prediction"] == " ".join(f"swh:{w}" for w in r["output"].split(" ")) or not r["output"].strip()
