@@ -47,6 +47,19 @@ def lora_config(model_cfg: DictConfig, settings: DictConfig, modules_to_save=Non
                       modules_to_save=modules_to_save)
 
 
+def task_head(cfg: DictConfig) -> list[str] | None:
+    """The encoder's task head (``classifier``, or ``qa_outputs`` for QA), trained in full in
+    stage 1 and, where the model config says ``train_head`` (the official code: yes), in the
+    stage 2 of every method alike; None for generative models."""
+    if cfg.model.kind != "encoder":
+        return None
+    return ["qa_outputs"] if cfg.task.type == "qa" else ["classifier"]
+
+
+def _stage2_head(cfg: DictConfig) -> list[str] | None:
+    return task_head(cfg) if cfg.model.get("train_head", False) else None
+
+
 def _hidden_size(model) -> int:
     config = model.config
     return getattr(config, "hidden_size", None) or config.d_model
@@ -114,12 +127,12 @@ class Lora(Method):
         torch.manual_seed(cfg.seed)
         if keeps_stage1_adapter(stage1):
             # Merging would re-quantise 4-bit weights: stage 1 stays as a frozen adapter.
-            stage1.add_adapter(STAGE2_ADAPTER, lora_config(cfg.model, cfg.train))
+            stage1.add_adapter(STAGE2_ADAPTER, lora_config(cfg.model, cfg.train, _stage2_head(cfg)))
             stage1.base_model.set_adapter([STAGE2_ADAPTER, stage1.active_adapter])
             for name, param in stage1.named_parameters():
                 param.requires_grad_(f".{STAGE2_ADAPTER}." in name)
             return stage1
-        return get_peft_model(stage1.merge_and_unload(), lora_config(cfg.model, cfg.train), adapter_name=STAGE2_ADAPTER)
+        return get_peft_model(stage1.merge_and_unload(), lora_config(cfg.model, cfg.train, _stage2_head(cfg)), adapter_name=STAGE2_ADAPTER)
 
 
 @register
@@ -173,6 +186,7 @@ class Flare(Method):
             target_modules=targets if isinstance(targets, str) else list(targets),
             fuse_modules=cfg.model.fuse_modules, fusion=self.cfg.fusion, heads=self.cfg.heads,
             alignment=self.cfg.alignment, mask_source_padding=self.cfg.mask_source_padding,
+            modules_to_save=_stage2_head(cfg),
         )
 
     def build(self, cfg, stage1, mt_encoder=None):

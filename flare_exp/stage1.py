@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 
 from . import distributed
 from .evaluate import predict, score
-from .methods import lora_config
+from .methods import lora_config, task_head
 from .models import load_base_model
 from .pairs import examples
 from .results import config_hash, write_json_atomic
@@ -67,11 +67,8 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
             print(f"Training stage 1 -> {final}", flush=True)
         english_train = examples(cfg, "en", "train")
         base = load_base(cfg, tokenizer, device)
-        head = None
-        if cfg.model.kind == "encoder":
-            head = ["qa_outputs"] if cfg.task.type == "qa" else ["classifier"]
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(base, lora_config(cfg.model, cfg.stage1, head))
+        model = get_peft_model(base, lora_config(cfg.model, cfg.stage1, task_head(cfg)))
         resume = Checkpoint(final.with_name(f".{final.name}.checkpoint"), int(cfg.stage1.checkpoint_every))
         stats = train_model(model, batcher, english_train, None, cfg.stage1, cfg.seed, device,
                             desc=f"stage 1 {cfg.task.name} en", checkpoint=resume)

@@ -188,3 +188,22 @@ def test_every_method_config_has_its_class_and_only_the_methods_read_it():
     for path in sorted((ROOT / "flare_exp").rglob("*.py")):
         if path.name != "methods.py":
             assert not re.findall(r"cfg\.method\.\w+|cfg\.method\.get", path.read_text()), path
+
+
+@pytest.mark.parametrize("method", ["lora", "flare", "xmixup"])
+def test_the_task_head_trains_in_stage2_where_the_model_config_says_so(tmp_path, method):
+    from flare_exp.methods import method_for
+
+    for train_head in (True, False):
+        cfg = _demo_cfg("tiny-bert", method, tmp_path, [f"model.train_head={str(train_head).lower()}"])
+        tokenizer, stage1 = _stage1(cfg, tmp_path)
+        model = method_for(cfg.method).build(cfg, stage1)
+        heads = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+        assert bool(heads) == train_head, (method, train_head, heads)
+        if train_head:
+            batcher = make_batcher(cfg, tokenizer)
+            english = load_examples("demo", "en", "train")[:8] if method != "lora" else None
+            model.train()
+            model(**batcher(load_examples("demo", "dmb", "train")[:8], english)).loss.backward()
+            assert all(p.grad is not None and p.grad.abs().sum() > 0
+                       for n, p in model.named_parameters() if n in heads)
