@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import classification_metrics, parse_label, qa_metrics
+from .train import autocast
 from .train import to_device as _to
 
 
@@ -16,15 +17,16 @@ def _first_line(text: str) -> str:
 
 @torch.no_grad()
 def predict(model, batcher, examples: list[dict], english: list[dict] | None, eval_batch_size: int,
-            device, max_new_tokens: int, desc: str) -> list[dict]:
+            device, max_new_tokens: int, desc: str, precision: str | None = None) -> list[dict]:
     """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples``: a label (None
-    where a generated output names none) or an answer string."""
+    where a generated output names none) or an answer string; ``precision``: autocast dtype."""
     model.eval()
     rows = []
     for start in tqdm(range(0, len(examples), eval_batch_size), desc=desc, unit="batch", dynamic_ncols=True):
         chunk = examples[start:start + eval_batch_size]
         source = english[start:start + eval_batch_size] if english is not None else None
-        outputs, predictions = _predict_batch(model, batcher, chunk, source, device, max_new_tokens)
+        with autocast(device, precision):
+            outputs, predictions = _predict_batch(model, batcher, chunk, source, device, max_new_tokens)
         for ex, output, prediction in zip(chunk, outputs, predictions):
             gold = [a["text"] for a in ex["answers"]] if batcher.qa else ex["label"]
             rows.append({"id": ex["id"], "gold": gold, "prediction": prediction, "output": output})

@@ -7,6 +7,7 @@ FLARE step is visible in one place: the model is a PEFT model (stage 1, LoRA sta
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -22,6 +23,13 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import distributed
 from .flare.calls import enable_gradient_checkpointing
+
+
+def autocast(device, dtype: str | None):
+    """Mixed precision (``bfloat16``, ``float16``) for the forward passes; None: off."""
+    if not dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def to_device(batch: dict, device) -> dict:
@@ -156,11 +164,20 @@ class Checkpoint:
 
 
 def _optimization(model, train_cfg, examples: int):
-    """(trainable parameters, AdamW, linear schedule with warm-up, total optimizer steps)."""
+    """(trainable parameters, AdamW (``optimizer``: adamw or adamw_8bit), linear schedule with
+    warm-up, total optimizer steps)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters.")
-    optimizer = torch.optim.AdamW(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
+    name = train_cfg.get("optimizer") or "adamw"
+    if name == "adamw_8bit":  # bitsandbytes' 8-bit AdamW (the official code's, for decoders)
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
+    else:
+        raise ValueError(f"Unknown optimizer {name!r} (adamw or adamw_8bit).")
     per_epoch = math.ceil(examples / (train_cfg.batch_size * train_cfg.grad_accum))
     total = int(train_cfg.max_steps) if train_cfg.max_steps else per_epoch * int(train_cfg.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * train_cfg.warmup_ratio), total)
@@ -214,7 +231,8 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
                     indices = indices[rank::world]
                     batch = batcher([targets[i] for i in indices],
                                     [english[i] for i in indices] if english is not None else None)
-                    loss = runner(**to_device(batch, device)).loss / len(group)
+                    with autocast(device, train_cfg.get("autocast")):
+                        loss = runner(**to_device(batch, device)).loss / len(group)
                     loss.backward()
                     epoch_losses.append(_mean_over_ranks(loss.detach(), world) * len(group))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

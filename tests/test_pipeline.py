@@ -288,3 +288,11 @@ def test_a_results_file_of_other_settings_is_not_taken_for_this_run(tmp_path):
     path.write_text(json.dumps({**result, "identity": {**result["identity"], "seed": 7}}))
     with pytest.raises(ConfigError, match="holds a run of other settings"):
         run(cfg)
+
+
+def test_official_precision_and_optimizer_run_end_to_end(tmp_path):
+    result = run(make_cfg(["model=tiny-bert", "lang=dma", "method=flare", *SMALL, "train.autocast=bfloat16",
+                           "stage1.autocast=bfloat16", "train.optimizer=adamw_8bit"], tmp_path))
+    assert result["identity"]["train"]["optimizer"] == "adamw_8bit" and result["metrics"]["n"] == 24
+    assert make_cfg(["model=xlmr-large"]).train.autocast == "bfloat16"
+    assert make_cfg(["model=gemma2-9b"]).train.optimizer == "adamw_8bit"

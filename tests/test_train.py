@@ -89,3 +89,20 @@ def test_model_selection_restores_the_selected_adapter(select):
     for name, value in snapshots[chosen].items():
         assert torch.equal(final[name], value), name
     assert not all(torch.equal(snapshots[1][n], snapshots[3][n]) for n in final)  # training moved it
+
+
+def test_precision_and_optimizer_settings_reach_the_loop():
+    bnb = pytest.importorskip("bitsandbytes")
+    model, batcher, examples = _tiny_lora()
+    dtypes = []
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj.base_layer"))
+    layer.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    cfg = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.0, "batch_size": 4, "grad_accum": 1, "epochs": 1,
+                            "max_steps": 3, "warmup_ratio": 0.0, "gradient_checkpointing": False,
+                            "optimizer": "adamw_8bit", "autocast": "bfloat16"})
+    with mock.patch.object(bnb.optim, "AdamW8bit", wraps=bnb.optim.AdamW8bit) as eight_bit:
+        train_model(model, batcher, examples, None, cfg, seed=0, device="cpu", desc="precision")
+    assert eight_bit.called and dtypes and set(dtypes) == {torch.bfloat16}
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        train_model(model, batcher, examples, None, OmegaConf.merge(cfg, {"optimizer": "sgd"}), seed=0,
+                    device="cpu", desc="bad")
