@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import classification_metrics, parse_label, qa_metrics
-from .train import autocast
+from .train import autocast, example_length, length_grouped
 from .train import to_device as _to
 
 
@@ -17,19 +17,24 @@ def _first_line(text: str) -> str:
 
 @torch.no_grad()
 def predict(model, batcher, examples: list[dict], english: list[dict] | None, eval_batch_size: int,
-            device, max_new_tokens: int, desc: str, precision: str | None = None) -> list[dict]:
-    """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples``: a label (None
-    where a generated output names none) or an answer string; ``precision``: autocast dtype."""
+            device, max_new_tokens: int, desc: str, precision: str | None = None,
+            group_by_length: bool = False) -> list[dict]:
+    """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples`` (in their order):
+    a label (None where a generated output names none) or an answer string. ``precision``: the
+    autocast dtype; ``group_by_length``: batches of examples of similar length (less padding)."""
     model.eval()
-    rows = []
-    for start in tqdm(range(0, len(examples), eval_batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        chunk = examples[start:start + eval_batch_size]
-        source = english[start:start + eval_batch_size] if english is not None else None
+    order = list(range(len(examples)))
+    batches = (length_grouped(order, [example_length(ex) for ex in examples], eval_batch_size, window=len(order))
+               if group_by_length else [order[i:i + eval_batch_size] for i in range(0, len(order), eval_batch_size)])
+    rows: list[dict | None] = [None] * len(examples)
+    for indices in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
+        chunk = [examples[i] for i in indices]
+        source = [english[i] for i in indices] if english is not None else None
         with autocast(device, precision):
             outputs, predictions = _predict_batch(model, batcher, chunk, source, device, max_new_tokens)
-        for ex, output, prediction in zip(chunk, outputs, predictions):
+        for i, ex, output, prediction in zip(indices, chunk, outputs, predictions):
             gold = [a["text"] for a in ex["answers"]] if batcher.qa else ex["label"]
-            rows.append({"id": ex["id"], "gold": gold, "prediction": prediction, "output": output})
+            rows[i] = {"id": ex["id"], "gold": gold, "prediction": prediction, "output": output}
     return rows
 
 

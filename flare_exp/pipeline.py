@@ -162,7 +162,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
         inputs, english = method.inputs(test, english_test, fields, batcher.qa)
         rows = predict(model, batcher, inputs, english, cfg.train.eval_batch_size, device,
                        cfg.task.max_new_tokens, desc=f"test {method.label} {cfg.lang.code}",
-                       precision=cfg.train.get("autocast"))
+                       precision=cfg.train.get("autocast"), group_by_length=True)
         for row, target in zip(rows, test):
             row["id"] = target["id"]
         extra_metrics = {}
@@ -201,7 +201,7 @@ def _validation(cfg: DictConfig, method, model, batcher, translator, device) -> 
     def validate() -> float:
         rows = predict(model, batcher, inputs, english, cfg.train.eval_batch_size, device,
                        cfg.task.max_new_tokens, desc=f"validation {method.label} {cfg.lang.code}",
-                       precision=cfg.train.get("autocast"))
+                       precision=cfg.train.get("autocast"), group_by_length=True)
         return score(rows, batcher)[cfg.task.metric]
 
     return Validation(validate, cfg.train.get("eval_every"), cfg.task.get("select", "best"))

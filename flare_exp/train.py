@@ -41,6 +41,34 @@ def _chunks(items: list, size: int):
         yield items[start:start + size]
 
 
+def example_length(example: dict) -> int:
+    """Characters of an example's texts (its fields; not its id or label): the length key of
+    length-grouped batches."""
+    return sum(len(v) for k, v in example.items() if isinstance(v, str) and k not in ("id", "label"))
+
+
+def length_grouped(indices: list[int], lengths: list[int], size: int, window: int = 8) -> list[list[int]]:
+    """Batches of ``size`` from ``indices`` (already shuffled): each window of ``window`` batches is
+    sorted by length before it is cut, so a batch holds examples of similar length and pads
+    little, while the windows keep the shuffle's randomness."""
+    batches = []
+    for start in range(0, len(indices), size * window):
+        block = sorted(indices[start:start + size * window], key=lambda i: lengths[i])
+        batches.extend(_chunks(block, size))
+    return batches
+
+
+def _epoch_batches(order: list[int], targets: list[dict], size: int, rng: random.Random, grouped: bool):
+    """One epoch's batches: a shuffle, length-grouped (``train.group_by_length``) with the batch
+    order shuffled again, or in shuffled order."""
+    rng.shuffle(order)
+    if not grouped:
+        return list(_chunks(order, size))
+    batches = length_grouped(order, [example_length(t) for t in targets], size)
+    rng.shuffle(batches)
+    return batches
+
+
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     if world > 1:
         import torch.distributed as dist
@@ -215,16 +243,16 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
         print(f"Resuming {desc} from its checkpoint at step {position['step']}/{total}.", flush=True)
     rng = random.Random(seed)
     order = list(range(len(targets)))
+    grouped = bool(train_cfg.get("group_by_length", False))
     for _ in range(position["epoch"]):  # replay the shuffles of the finished epochs
-        rng.shuffle(order)
+        _epoch_batches(order, targets, train_cfg.batch_size, rng, grouped)
     step, epoch_means = position["step"], position["epoch_means"]
     model.train()
     start = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True) as progress:
         while step < total:
-            rng.shuffle(order)
+            micro = _epoch_batches(order, targets, train_cfg.batch_size, rng, grouped)
             epoch_losses = position["epoch_losses"] if position["group"] else []
-            micro = list(_chunks(order, train_cfg.batch_size))
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
                 for indices in group:

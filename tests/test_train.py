@@ -106,3 +106,59 @@ def test_precision_and_optimizer_settings_reach_the_loop():
     with pytest.raises(ValueError, match="Unknown optimizer"):
         train_model(model, batcher, examples, None, OmegaConf.merge(cfg, {"optimizer": "sgd"}), seed=0,
                     device="cpu", desc="bad")
+
+
+def test_length_grouped_batches_cover_every_example_once_and_pad_less():
+    import random
+
+    from flare_exp.data import load_examples
+    from flare_exp.train import example_length, length_grouped
+
+    examples = load_examples("nusax", "jav", "train", Path(__file__).resolve().parent.parent.parent / "shared/data") \
+        if (Path(__file__).resolve().parent.parent.parent / "shared/data/nusax_senti").is_dir() else \
+        [{"id": str(i), "text": "w " * random.Random(i).randint(1, 60), "label": "neutral"} for i in range(500)]
+    lengths = [example_length(ex) for ex in examples]
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)
+    grouped = length_grouped(order, lengths, 16)
+    assert sorted(i for batch in grouped for i in batch) == sorted(order)
+    assert all(len(batch) <= 16 for batch in grouped)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain = [order[i:i + 16] for i in range(0, len(order), 16)]
+    assert padding(grouped) < padding(plain) / 3
+
+
+def test_grouped_prediction_keeps_the_examples_order(tmp_path):
+    from flare_exp.data import load_examples
+    from flare_exp.evaluate import predict
+    from flare_exp.models import load_base_model, load_tokenizer
+    from flare_exp.pipeline import make_batcher
+    from test_pipeline import make_cfg
+
+    cfg = make_cfg(["model=tiny-bert", "task=demo", "lang=dmb", "method=zero_shot"], tmp_path)
+    tokenizer = load_tokenizer(cfg.model, tmp_path)
+    model = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), torch.device("cpu"), tmp_path, 0)
+    examples = load_examples("demo", "dmb", "test")[:40]
+    rows = predict(model, make_batcher(cfg, tokenizer), examples, None, 8, "cpu", 4, "test", group_by_length=True)
+    assert [r["id"] for r in rows] == [ex["id"] for ex in examples]
+    assert [r["gold"] for r in rows] == [ex["label"] for ex in examples]
+
+
+def test_grouped_epochs_replay_identically_for_a_resume():
+    import random
+
+    from flare_exp.train import _epoch_batches, example_length
+
+    targets = [{"id": str(i), "text": "w " * random.Random(i).randint(1, 40)} for i in range(200)]
+    runs = []
+    for _ in range(2):
+        rng, order = random.Random(7), list(range(200))
+        runs.append([_epoch_batches(order, targets, 8, rng, grouped=True) for _epoch in range(3)])
+    assert runs[0] == runs[1]
+    first = runs[0][0]
+    assert first != runs[0][1]  # every epoch is shuffled anew
+    spread = [max(example_length(targets[i]) for i in b) - min(example_length(targets[i]) for i in b) for b in first]
+    assert sum(spread) / len(spread) < 20  # similar lengths within a batch (lengths span 2-80)
