@@ -159,19 +159,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
         test, english_test = test_pairs(cfg, translator, english=method.reads_english_test)
         if rank:
             return None
-        inputs, english = method.inputs(test, english_test, fields, batcher.qa)
-        rows = predict(model, batcher, inputs, english, cfg.train.eval_batch_size, device,
-                       cfg.task.max_new_tokens, desc=f"test {method.label} {cfg.lang.code}",
-                       precision=cfg.train.get("autocast"), group_by_length=True)
-        for row, target in zip(rows, test):
-            row["id"] = target["id"]
-        extra_metrics = {}
-        if batcher.qa and method.test_input == "english" and translator is not None:
-            # Both are reported: the English answers as they are (the paper's translate-test),
-            # and translated back into the target language (the headline metrics).
-            extra_metrics["metrics_without_back_translation"] = score(rows, batcher)
-            back_translate_answers(cfg, rows, translator, out)
-        metrics = score(rows, batcher)
+        rows, metrics, extra_metrics = _test(cfg, method, model, batcher, test, english_test, translator, out, device)
         stage1_info = json.loads((stage1_path / "stage1.json").read_text())
         result = {
             "task": cfg.task.name, "model": cfg.model.name, "mt": cfg.mt.name, "method": method.label,
@@ -188,6 +176,23 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             wandb_run.log({f"test/{k}": v for k, v in metrics.items()})
     print(summary_line(result))
     return result
+
+
+def _test(cfg: DictConfig, method, model, batcher, test, english_test, translator, out: Path, device):
+    """(prediction rows, metrics, further labelled metrics) on the test set."""
+    inputs, english = method.inputs(test, english_test, list(cfg.task.fields), batcher.qa)
+    rows = predict(model, batcher, inputs, english, cfg.train.eval_batch_size, device,
+                   cfg.task.max_new_tokens, desc=f"test {method.label} {cfg.lang.code}",
+                   precision=cfg.train.get("autocast"), group_by_length=True)
+    for row, target in zip(rows, test):
+        row["id"] = target["id"]
+    extra = {}
+    if batcher.qa and method.test_input == "english" and translator is not None:
+        # Both are reported: the English answers as they are (the paper's translate-test),
+        # and translated back into the target language (the headline metrics).
+        extra["metrics_without_back_translation"] = score(rows, batcher)
+        back_translate_answers(cfg, rows, translator, out)
+    return rows, score(rows, batcher), extra
 
 
 def _validation(cfg: DictConfig, method, model, batcher, translator, device) -> Validation | None:

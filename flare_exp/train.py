@@ -212,6 +212,35 @@ def _optimization(model, train_cfg, examples: int):
     return params, optimizer, scheduler, total
 
 
+def _data_parallel(model, checkpoint: Checkpoint):
+    """(the module to run, the checkpoint to write): under data parallel (torchrun / accelerate
+    launch) a DDP wrapper, and only rank 0 writes checkpoints."""
+    world, rank = distributed.world()
+    if world == 1:
+        return model, checkpoint
+    # Each rank runs its share of every batch, the source pass included; DDP averages gradients.
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model), checkpoint if rank == 0 else Checkpoint(None, 0)
+
+
+def _accumulate(runner, batcher, group: list[list[int]], targets, english, device, train_cfg) -> list[float]:
+    """Forward and backward of the micro-batches of one optimizer step (this rank's share of each);
+    gradients are synchronised across ranks on the last micro-batch only. Their losses."""
+    world, rank = distributed.world()
+    losses = []
+    for number, indices in enumerate(group):
+        indices = indices[rank::world]
+        batch = batcher([targets[i] for i in indices], [english[i] for i in indices] if english is not None else None)
+        last = number == len(group) - 1
+        with runner.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with autocast(device, train_cfg.get("autocast")):
+                loss = runner(**to_device(batch, device)).loss / len(group)
+            loss.backward()
+        losses.append(_mean_over_ranks(loss.detach(), world) * len(group))
+    return losses
+
+
 def train_model(model, batcher, targets: list[dict], english: list[dict] | None, train_cfg, seed: int,
                 device, desc: str, checkpoint: Checkpoint | None = None, validation: Validation | None = None) -> dict:
     """Train the trainable parameters of ``model`` on ``targets`` (paired with ``english`` for
@@ -222,17 +251,7 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     With a ``checkpoint``, the state is saved every ``checkpoint.every`` optimizer steps and a
     restarted job (killed, pre-empted) resumes from it and ends as an uninterrupted one would.
     """
-    checkpoint = checkpoint or Checkpoint(None, 0)
-    world, rank = distributed.world()
-    runner = model
-    if world > 1:
-        # Data parallel (torchrun / accelerate launch): each rank runs its share of every batch,
-        # the source pass included, and DDP averages the gradients.
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(model)
-        if rank:
-            checkpoint = Checkpoint(None, 0)  # rank 0 writes it
+    runner, checkpoint = _data_parallel(model, checkpoint or Checkpoint(None, 0))
     params, optimizer, scheduler, total = _optimization(model, train_cfg, len(targets))
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -255,14 +274,7 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
             epoch_losses = position["epoch_losses"] if position["group"] else []
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
-                for indices in group:
-                    indices = indices[rank::world]
-                    batch = batcher([targets[i] for i in indices],
-                                    [english[i] for i in indices] if english is not None else None)
-                    with autocast(device, train_cfg.get("autocast")):
-                        loss = runner(**to_device(batch, device)).loss / len(group)
-                    loss.backward()
-                    epoch_losses.append(_mean_over_ranks(loss.detach(), world) * len(group))
+                epoch_losses.extend(_accumulate(runner, batcher, group, targets, english, device, train_cfg))
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
