@@ -18,7 +18,7 @@ def _first_line(text: str) -> str:
 @torch.no_grad()
 def predict(model, batcher, examples: list[dict], english: list[dict] | None, eval_batch_size: int,
             device, max_new_tokens: int, desc: str, precision: str | None = None,
-            group_by_length: bool = False) -> list[dict]:
+            group_by_length: bool = True) -> list[dict]:
     """Predictions ``{"id", "gold", "prediction", "output"}`` for ``examples`` (in their order):
     a label (None where a generated output names none) or an answer string. ``precision``: the
     autocast dtype; ``group_by_length``: batches of examples of similar length (less padding)."""

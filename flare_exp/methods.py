@@ -125,14 +125,15 @@ class Lora(Method):
 
     def build(self, cfg, stage1, mt_encoder=None):
         torch.manual_seed(cfg.seed)
+        adapter = lora_config(cfg.model, cfg.train, _stage2_head(cfg))
         if keeps_stage1_adapter(stage1):
             # Merging would re-quantise 4-bit weights: stage 1 stays as a frozen adapter.
-            stage1.add_adapter(STAGE2_ADAPTER, lora_config(cfg.model, cfg.train, _stage2_head(cfg)))
+            stage1.add_adapter(STAGE2_ADAPTER, adapter)
             stage1.base_model.set_adapter([STAGE2_ADAPTER, stage1.active_adapter])
             for name, param in stage1.named_parameters():
                 param.requires_grad_(f".{STAGE2_ADAPTER}." in name)
             return stage1
-        return get_peft_model(stage1.merge_and_unload(), lora_config(cfg.model, cfg.train, _stage2_head(cfg)), adapter_name=STAGE2_ADAPTER)
+        return get_peft_model(stage1.merge_and_unload(), adapter, adapter_name=STAGE2_ADAPTER)
 
 
 @register

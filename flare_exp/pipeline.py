@@ -183,7 +183,7 @@ def _test(cfg: DictConfig, method, model, batcher, test, english_test, translato
     inputs, english = method.inputs(test, english_test, list(cfg.task.fields), batcher.qa)
     rows = predict(model, batcher, inputs, english, cfg.train.eval_batch_size, device,
                    cfg.task.max_new_tokens, desc=f"test {method.label} {cfg.lang.code}",
-                   precision=cfg.train.get("autocast"), group_by_length=True)
+                   precision=cfg.train.get("autocast"))
     for row, target in zip(rows, test):
         row["id"] = target["id"]
     extra = {}
@@ -206,7 +206,7 @@ def _validation(cfg: DictConfig, method, model, batcher, translator, device) -> 
     def validate() -> float:
         rows = predict(model, batcher, inputs, english, cfg.train.eval_batch_size, device,
                        cfg.task.max_new_tokens, desc=f"validation {method.label} {cfg.lang.code}",
-                       precision=cfg.train.get("autocast"), group_by_length=True)
+                       precision=cfg.train.get("autocast"))
         return score(rows, batcher)[cfg.task.metric]
 
     return Validation(validate, cfg.train.get("eval_every"), cfg.task.get("select", "best"))

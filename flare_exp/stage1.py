@@ -75,8 +75,7 @@ def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:
         if rank == 0:
             english_test = examples(cfg, "en", "test")
             rows = predict(model, batcher, english_test, None, cfg.train.eval_batch_size, device,
-                           cfg.task.max_new_tokens, desc="stage 1 English test", precision=cfg.stage1.get("autocast"),
-                           group_by_length=True)
+                           cfg.task.max_new_tokens, desc="stage 1 English test", precision=cfg.stage1.get("autocast"))
             final.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
             model.save_pretrained(staging)  # safetensors

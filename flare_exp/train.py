@@ -58,15 +58,23 @@ def length_grouped(indices: list[int], lengths: list[int], size: int, window: in
     return batches
 
 
-def _epoch_batches(order: list[int], targets: list[dict], size: int, rng: random.Random, grouped: bool):
-    """One epoch's batches: a shuffle, length-grouped (``train.group_by_length``) with the batch
-    order shuffled again, or in shuffled order."""
+def _epoch_batches(order: list[int], lengths: list[int] | None, size: int, rng: random.Random):
+    """One epoch's batches: a shuffle, then length-grouped with the batch order shuffled again
+    (``lengths`` given: ``train.group_by_length``), or cut in shuffled order."""
     rng.shuffle(order)
-    if not grouped:
+    if lengths is None:
         return list(_chunks(order, size))
-    batches = length_grouped(order, [example_length(t) for t in targets], size)
+    batches = length_grouped(order, lengths, size)
     rng.shuffle(batches)
     return batches
+
+
+def copy_into(model, weights: dict) -> None:
+    """Load ``weights`` (name -> tensor) into the model's parameters of those names."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
@@ -123,10 +131,7 @@ class _Selection:
         if not self.validation:
             return {}
         if self.validation.select == "best" and self.best is not None:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in self.best.items():
-                    params[name].copy_(value)
+            copy_into(model, self.best)
         selected = self.best_step if self.validation.select == "best" else step
         return {"validation": self.curve, "selected_step": selected, "selection": self.validation.select}
 
@@ -173,11 +178,7 @@ class Checkpoint:
         folder = next((f for f in (self.folder, self._aside("previous")) if (f / "state.pt").is_file()), None)
         if folder is None:
             return None, None
-        weights = load_file(str(folder / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        copy_into(model, load_file(str(folder / "trainable.safetensors")))
         state = torch.load(folder / "state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -262,15 +263,15 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
         print(f"Resuming {desc} from its checkpoint at step {position['step']}/{total}.", flush=True)
     rng = random.Random(seed)
     order = list(range(len(targets)))
-    grouped = bool(train_cfg.get("group_by_length", False))
+    lengths = [example_length(t) for t in targets] if train_cfg.get("group_by_length") else None
     for _ in range(position["epoch"]):  # replay the shuffles of the finished epochs
-        _epoch_batches(order, targets, train_cfg.batch_size, rng, grouped)
+        _epoch_batches(order, lengths, train_cfg.batch_size, rng)
     step, epoch_means = position["step"], position["epoch_means"]
     model.train()
     start = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True) as progress:
         while step < total:
-            micro = _epoch_batches(order, targets, train_cfg.batch_size, rng, grouped)
+            micro = _epoch_batches(order, lengths, train_cfg.batch_size, rng)
             epoch_losses = position["epoch_losses"] if position["group"] else []
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]

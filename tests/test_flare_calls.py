@@ -18,7 +18,7 @@ from flare_exp.flare.mt import FlareMTModel
 from flare_exp.train import train_model
 from flare_exp.xmixup import XMixupModel
 from test_alignment import reference_index
-from test_flare_core import flare_config, inputs, lora_grads, weighted_loss
+from test_flare_core import assert_same_grads, checkpointed_grads, flare_config, inputs, weighted_loss
 from tiny import PAD, padded_batch, randomize_lora, tiny_model
 
 
@@ -26,34 +26,13 @@ def enable_checkpointing(model, reentrant):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
-def assert_same_grads(expected, got, scale_tolerance=1e-4):
-    assert expected.keys() == got.keys() and expected
-    for name, reference in expected.items():
-        # Recomputation reorders float32 sums (~1e-5 of the gradient's scale); a batch that
-        # fuses another batch's English differs by the gradient's own size.
-        tolerance = 1e-6 + scale_tolerance * reference.abs().max().item()
-        torch.testing.assert_close(got[name], reference, atol=tolerance, rtol=0, msg=name)
-
-
 # 1. Per-call source state -----------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "bert"])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_two_forwards_before_one_backward_under_checkpointing(family, reentrant):
     base = tiny_model(family)
-    first, first_source = inputs(family, seed=0)
-    second, second_source = inputs(family, seed=1)
-    grads = []
-    for checkpointing in (False, True):
-        flare = get_flare_model(copy.deepcopy(base), flare_config(family, fusion="add_relu"))
-        randomize_lora(flare.peft_model, seed=3, scale=0.3)
-        flare.train()
-        if checkpointing:
-            enable_checkpointing(flare.hf_model, reentrant)
-            flare.hf_model.enable_input_require_grads()
-        loss = weighted_loss(flare(**first, **first_source).logits, seed=7)
-        loss = loss + weighted_loss(flare(**second, **second_source).logits, seed=8)
-        loss.backward()
-        grads.append(lora_grads(flare.peft_model, "flare"))
+    batches = [inputs(family, seed=0), inputs(family, seed=1)]
+    grads = [checkpointed_grads(base, family, batches, checkpointing, reentrant) for checkpointing in (False, True)]
     assert_same_grads(grads[0], grads[1])
 
 

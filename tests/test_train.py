@@ -142,7 +142,7 @@ def test_grouped_prediction_keeps_the_examples_order(tmp_path):
     tokenizer = load_tokenizer(cfg.model, tmp_path)
     model = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), torch.device("cpu"), tmp_path, 0)
     examples = load_examples("demo", "dmb", "test")[:40]
-    rows = predict(model, make_batcher(cfg, tokenizer), examples, None, 8, "cpu", 4, "test", group_by_length=True)
+    rows = predict(model, make_batcher(cfg, tokenizer), examples, None, 8, "cpu", 4, "test")
     assert [r["id"] for r in rows] == [ex["id"] for ex in examples]
     assert [r["gold"] for r in rows] == [ex["label"] for ex in examples]
 
@@ -156,7 +156,8 @@ def test_grouped_epochs_replay_identically_for_a_resume():
     runs = []
     for _ in range(2):
         rng, order = random.Random(7), list(range(200))
-        runs.append([_epoch_batches(order, targets, 8, rng, grouped=True) for _epoch in range(3)])
+        lengths = [example_length(t) for t in targets]
+        runs.append([_epoch_batches(order, lengths, 8, rng) for _epoch in range(3)])
     assert runs[0] == runs[1]
     first = runs[0][0]
     assert first != runs[0][1]  # every epoch is shuffled anew

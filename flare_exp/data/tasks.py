@@ -58,15 +58,14 @@ def load_examples(task, lang: str, split: str, data_dir: str | Path | None = Non
     if names is not None and lang not in names:
         raise ValueError(f"{cfg.name} has languages {sorted(names)}, not {lang!r}.")
     name = names[lang] if names is not None else lang
-    splits = source.get("splits") or {}
+    # Which split of the local files (or of the hub dataset) each split comes from.
+    splits = (source.get("splits") if data_dir else source.hub.get("splits")) or {}
+    file_split = splits.get(split, split)
     if data_dir:
-        file_split = splits.get(split, split)
         path = Path(data_dir) / source.path.format(split=file_split, code=lang, name=name)
         rows = READERS[source.format](_need(path), cfg, split, file_split)
     else:
-        hub = source.hub
-        splits = hub.get("splits") or {}
-        rows = (_squad_hub if source.format == "squad" else _classification_hub)(cfg, lang, name, splits.get(split, split))
+        rows = (_squad_hub if source.format == "squad" else _classification_hub)(cfg, lang, name, file_split)
     if split != "test" and splits.get("train", "train") == splits.get("validation", "validation"):
         cut = len(rows) - len(rows) // 10
         if split == "validation":

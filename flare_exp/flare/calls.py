@@ -83,9 +83,6 @@ class TwoPassModel(nn.Module):
         _enable_checkpointing(self.hf_model, gradient_checkpointing_kwargs)
         self.slot.bind_checkpointing(self.hf_model)
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.hf_model.gradient_checkpointing_disable()
-
 
 def _enable_checkpointing(hf: nn.Module, kwargs: dict | None) -> None:
     kwargs = dict(kwargs or {"use_reentrant": False})

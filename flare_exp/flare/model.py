@@ -107,7 +107,7 @@ class FlareModel(TwoPassModel):
         later layer, LM head or loss is computed. Train mode and the active call are restored
         whatever happens.
         """
-        call = SourceCall(self.causal, {self.flare_config.adapter_name}, self.n_fused)
+        call = self._call()
         hf = self.hf_model
         extra = {} if source_token_type_ids is None else {"token_type_ids": source_token_type_ids}
         was_training = hf.training
@@ -140,8 +140,11 @@ class FlareModel(TwoPassModel):
         if source_states is None:
             call = self.source_pass(source_input_ids, source_attention_mask, source_token_type_ids)
         else:
-            call = SourceCall(self.causal, {self.flare_config.adapter_name}, self.n_fused)
+            call = self._call()
         return call, source_attention_mask
+
+    def _call(self) -> SourceCall:
+        return SourceCall(self.causal, {self.flare_config.adapter_name}, self.n_fused)
 
     def _prompt_lengths(self, attention_mask, labels):
         """Real tokens before the first label that is not -100, for causal LMs (None otherwise)."""
@@ -149,9 +152,8 @@ class FlareModel(TwoPassModel):
             return None
         real = attention_mask.bool()
         answer = (labels != -100) & real
-        width = labels.shape[1]
-        first = torch.where(answer.any(1), answer.int().argmax(1), torch.full_like(answer[:, 0], width, dtype=torch.long))
-        before = torch.arange(width, device=labels.device)[None, :] < first[:, None]
+        first = torch.where(answer.any(1), answer.int().argmax(1), labels.shape[1])  # first answer position
+        before = torch.arange(labels.shape[1], device=labels.device)[None, :] < first[:, None]
         return (before & real).sum(1)
 
     # -- forward and generate --------------------------------------------------------------
