@@ -3,12 +3,22 @@ answer) and their scores."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
 from .metrics import classification_metrics, parse_label, qa_metrics
-from .train import autocast, example_length, length_grouped
+from .train import example_length, length_grouped
 from .train import to_device as _to
+
+
+def autocast(device, dtype: str | None):
+    """Mixed precision (``bfloat16``, ``float16``) for evaluation's forward passes; None: off
+    (training's autocast is accelerate's)."""
+    if not dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 def _first_line(text: str) -> str:

@@ -2,7 +2,10 @@
 
 A plain loop (AdamW, linear schedule with warm-up, gradient accumulation), so that the two-pass
 FLARE step is visible in one place: the model is a PEFT model (stage 1, LoRA stage 2) or a
-``FlareModel``, and a batch carries the English source only when the model fuses it.
+``FlareModel``, and a batch carries the English source only when the model fuses it. accelerate
+carries what depends on the hardware: mixed precision (``autocast``), the data-parallel wrapper
+under ``torchrun`` / ``accelerate launch``, gradient sync on the last micro-batch of a step only,
+loss reduction across ranks and gradient clipping (unscaled first under float16).
 """
 
 from __future__ import annotations
@@ -21,15 +24,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import distributed
 from .flare.calls import enable_gradient_checkpointing
 
-
-def autocast(device, dtype: str | None):
-    """Mixed precision (``bfloat16``, ``float16``) for the forward passes; None: off."""
-    if not dtype:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+PRECISIONS = {None: "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def to_device(batch: dict, device) -> dict:
@@ -75,16 +72,6 @@ def copy_into(model, weights: dict) -> None:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-
-
-def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        import torch.distributed as dist
-
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world
-    return value.item()
 
 
 @dataclass
@@ -213,32 +200,37 @@ def _optimization(model, train_cfg, examples: int):
     return params, optimizer, scheduler, total
 
 
-def _data_parallel(model, checkpoint: Checkpoint):
-    """(the module to run, the checkpoint to write): under data parallel (torchrun / accelerate
-    launch) a DDP wrapper, and only rank 0 writes checkpoints."""
-    world, rank = distributed.world()
-    if world == 1:
-        return model, checkpoint
-    # Each rank runs its share of every batch, the source pass included; DDP averages gradients.
-    from torch.nn.parallel import DistributedDataParallel
+def accelerator_for(train_cfg, device):
+    """The ``Accelerator`` of one training run: mixed precision ``train_cfg.autocast`` (bfloat16,
+    float16 or None) on ``device``'s type, data parallel when a launcher started several
+    processes. accelerate keeps one state per process and refuses to change its precision or
+    device; stages or tests of one process that differ start it afresh (the process group, and
+    under data parallel the device, kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
-    return DistributedDataParallel(model), checkpoint if rank == 0 else Checkpoint(None, 0)
+    precision, cpu = PRECISIONS[train_cfg.get("autocast") or None], torch.device(device).type == "cpu"
+    process = PartialState._shared_state and PartialState()
+    if process and (process.device.type == "cpu") != cpu and not process.use_distributed:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    elif AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=cpu, device_placement=False)
 
 
-def _accumulate(runner, batcher, group: list[list[int]], targets, english, device, train_cfg) -> list[float]:
+def _accumulate(accelerator, runner, batcher, group: list[list[int]], targets, english, device) -> list[float]:
     """Forward and backward of the micro-batches of one optimizer step (this rank's share of each);
     gradients are synchronised across ranks on the last micro-batch only. Their losses."""
-    world, rank = distributed.world()
+    world, rank = accelerator.num_processes, accelerator.process_index
     losses = []
     for number, indices in enumerate(group):
         indices = indices[rank::world]
         batch = batcher([targets[i] for i in indices], [english[i] for i in indices] if english is not None else None)
         last = number == len(group) - 1
-        with runner.no_sync() if world > 1 and not last else contextlib.nullcontext():
-            with autocast(device, train_cfg.get("autocast")):
-                loss = runner(**to_device(batch, device)).loss / len(group)
-            loss.backward()
-        losses.append(_mean_over_ranks(loss.detach(), world) * len(group))
+        with contextlib.nullcontext() if last else accelerator.no_sync(runner):
+            loss = runner(**to_device(batch, device)).loss / len(group)  # autocast by accelerate
+            accelerator.backward(loss)
+        losses.append(accelerator.reduce(loss.detach(), "mean").item() * len(group))
     return losses
 
 
@@ -252,8 +244,17 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     With a ``checkpoint``, the state is saved every ``checkpoint.every`` optimizer steps and a
     restarted job (killed, pre-empted) resumes from it and ends as an uninterrupted one would.
     """
-    runner, checkpoint = _data_parallel(model, checkpoint or Checkpoint(None, 0))
+    checkpoint = checkpoint or Checkpoint(None, 0)
     params, optimizer, scheduler, total = _optimization(model, train_cfg, len(targets))
+    accelerator = accelerator_for(train_cfg, device)
+    # The model's forward runs under the run's autocast and, under data parallel, in a DDP wrapper
+    # (each rank runs its share of every batch, the source pass included); the optimizer steps
+    # through accelerate's gradient scaler under float16. The schedule stays ours: one step per
+    # optimizer step, whatever the number of processes. Only the main process writes checkpoints.
+    runner, optimizer = accelerator.prepare_model(model, device_placement=False), \
+        accelerator.prepare_optimizer(optimizer, device_placement=False)
+    if not accelerator.is_main_process:
+        checkpoint = Checkpoint(None, 0)
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     position, best = checkpoint.load(model, optimizer, scheduler)
@@ -275,8 +276,8 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
             epoch_losses = position["epoch_losses"] if position["group"] else []
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
-                epoch_losses.extend(_accumulate(runner, batcher, group, targets, english, device, train_cfg))
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                epoch_losses.extend(_accumulate(accelerator, runner, batcher, group, targets, english, device))
+                accelerator.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -294,6 +295,7 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
             epoch_means.append(sum(epoch_losses) / len(epoch_losses))
             position = {"step": step, "epoch": position["epoch"] + 1, "group": 0, "epoch_losses": [],
                         "epoch_means": epoch_means, "selection": selection.state()}
+    accelerator.unwrap_model(runner, keep_fp32_wrapper=False)  # the model's own forward back
     model.eval()
     selected = selection.finish(model, step)
     checkpoint.remove()

@@ -39,7 +39,7 @@ def _train(out_dir: str, rank: int, world: int) -> None:
     """One two-pass FLARE step by hand (loss, DDP-averaged gradients), then train_model."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from flare_exp.train import train_model
+    from flare_exp.train import accelerator_for, train_model
 
     flare, batcher, targets, english = _setup(out_dir)
     flare.train()
@@ -55,11 +55,16 @@ def _train(out_dir: str, rank: int, world: int) -> None:
     flare.zero_grad(set_to_none=True)
     stats = train_model(flare, batcher, targets, english, OmegaConf.create(TRAIN), seed=0, device="cpu", desc="ddp")
     result["train_losses"] = torch.tensor([stats["first_epoch_loss"], stats["last_epoch_loss"]])
+    # accelerate saw the launch: each rank ran its share of the batches, not all of them
+    assert accelerator_for(OmegaConf.create(TRAIN), "cpu").num_processes == world
     if rank == 0:
         save_file(result, os.path.join(out_dir, "result.safetensors"))
 
 
 def _worker(rank: int, world: int, out_dir: str, init_file: str) -> None:
+    # What torchrun tells each process (accelerate reads the launch from the environment).
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
