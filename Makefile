@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DATA_DIR ?= ../shared/data
 LAUNCHER ?= local
+GPU_OUT ?= outputs/gpu-check
 
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slurm test-slow bench bench-flare clean
+.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slurm test-slow bench bench-flare gpu-wheels gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -64,6 +65,12 @@ bench: $(STAMP) ## The cost of every method, side by side, as ratios to LoRA (sc
 
 bench-flare: $(STAMP) ## The short check: LoRA and FLARE add / add_relu / mul only
 	$(OFFLINE) $(PY) scripts/bench.py --methods lora,flare-add_relu,flare-add,flare-mul --no-pipeline
+
+gpu-wheels: $(STAMP) ## Fetch the pinned wheels a bare GPU machine lacks into gpu-wheels/ (size printed)
+	$(PY) scripts/gpu_check.py --wheels
+
+gpu-check: ## The GPU check (CUDA correctness, cost at 8B NF4) into GPU_OUT; on a CPU its small fallback
+	$(OFFLINE) $(if $(wildcard $(PY)),$(PY),python3) scripts/gpu_check.py --out $(GPU_OUT)
 
 clean: ## Remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache build *.egg-info

