@@ -29,19 +29,26 @@ def main(cfg: DictConfig) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run(cfg, job_dir)
-    except BaseException as error:
+    except Exception as error:
         job_dir.mkdir(parents=True, exist_ok=True)
         overrides = " ".join(hydra_cfg.overrides.task)
         (job_dir / "FAILED").write_text(f"{overrides}\n{type(error).__name__}: {error}\n")
-        if hydra_cfg.mode == RunMode.MULTIRUN and isinstance(error, Exception):
+        expected = isinstance(error, (ConfigError, DataError))  # one sentence, no traceback
+        if hydra_cfg.mode == RunMode.MULTIRUN:
             # Recorded; the other jobs go on, and the sweep summary reports it (exit status 1).
-            traceback.print_exc()
+            if expected:
+                print(f"error: {error}", file=sys.stderr)
+            else:
+                traceback.print_exc()
             return
-        if isinstance(error, (ConfigError, DataError)):
+        if expected:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         raise
-
+    # Not an Exception (SystemExit, KeyboardInterrupt) leaves no marker: submitit ends a pre-empted
+    # or timed-out job with SystemExit after requeueing it. A job that finishes, after a requeue
+    # for instance, clears what an earlier attempt left.
+    (job_dir / "FAILED").unlink(missing_ok=True)
 
 if __name__ == "__main__":
     main()

@@ -90,6 +90,9 @@ class Method:
     def label(self) -> str:
         return self.name
 
+    def check(self, cfg: DictConfig) -> None:
+        """Refuse settings that cannot run (ValueError, one sentence), before any model loads."""
+
     def build(self, cfg: DictConfig, stage1: PeftModel, mt_encoder=None):
         """The model to train and test, from the stage-1 model (``mt_encoder``: (encoder, width))."""
         return stage1
@@ -151,6 +154,15 @@ class XMixup(Lora):
     name = "xmixup"
     english_in_forward = True
 
+    def check(self, cfg):
+        if not 0 < float(self.cfg.lambda0) <= 1:
+            raise ValueError(f"method.lambda0 must lie in (0, 1], got {self.cfg.lambda0}.")
+        if int(self.cfg.heads) < 1:
+            raise ValueError(f"method.heads must be a positive integer, got {self.cfg.heads}.")
+        layers = self.cfg.layers
+        if layers is not None and not all(isinstance(i, int) for i in ([layers] if isinstance(layers, int) else layers)):
+            raise ValueError(f"method.layers must be layer indices (integers) or null, got {layers}.")
+
     def build(self, cfg, stage1, mt_encoder=None):
         model = super().build(cfg, stage1)
         return XMixupModel(model, STAGE2_ADAPTER, layers=self.cfg.layers, lambda0=self.cfg.lambda0,
@@ -189,6 +201,9 @@ class Flare(Method):
             alignment=self.cfg.alignment, mask_source_padding=self.cfg.mask_source_padding,
             modules_to_save=_stage2_head(cfg),
         )
+
+    def check(self, cfg):
+        self.flare_config(cfg)  # unknown fusion, alignment, r, ... raise here
 
     def build(self, cfg, stage1, mt_encoder=None):
         torch.manual_seed(cfg.seed)

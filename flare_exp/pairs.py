@@ -24,9 +24,57 @@ def examples(cfg: DictConfig, lang: str, split: str) -> list[dict]:
 def paired(cfg: DictConfig, lang: str, split: str) -> tuple[list[dict], list[dict]]:
     """Target examples and their human English versions (parallel data, ``mt=gold``)."""
     target, english = examples(cfg, lang, split), examples(cfg, "en", split)
-    if len(target) != len(english) or any(t["label"] != e["label"] for t, e in zip(target, english)):
-        raise DataError(f"{cfg.task.name} {split} data in {lang} is not parallel to the English data.")
+    _check_parallel(cfg, lang, split, target, english)
     return target, english
+
+
+def _check_parallel(cfg: DictConfig, lang: str, split: str, target: list[dict], english: list[dict]) -> None:
+    if len(target) != len(english):
+        raise DataError(f"{cfg.task.name} {split} data in {lang} is not parallel to the English data "
+                        f"({len(target)} examples against {len(english)}).")
+    unlike = next((i for i, (t, e) in enumerate(zip(target, english)) if t.get("label") != e.get("label")), None)
+    if unlike is not None:
+        raise DataError(f"{cfg.task.name} {split} data in {lang} is not parallel to the English data "
+                        f"(example {unlike + 1} has label {target[unlike]['label']!r}, its English "
+                        f"{english[unlike]['label']!r}).")
+
+
+def _texts(example: dict) -> list[str]:
+    return [v for k, v in example.items() if k not in ("id", "label", "answers") and isinstance(v, str)]
+
+
+def check_data(cfg: DictConfig, trains: bool) -> dict[str, int]:
+    """Read every split the run will read, before any model loads. A missing, undecodable or
+    malformed file, target data not parallel to the English (``mt=gold``) and a QA answer that is
+    not at its offset in the context are refused (DataError, one sentence). Empty texts are
+    counted and reported (refused with ``data.empty_texts=refuse``). Returns those counts."""
+    lang, gold = cfg.lang.code, cfg.mt.name == "gold"
+    validates = trains and cfg.train.get("eval_every") != 0
+    reads = [("en", "train"), ("en", "test"), (lang, "test")]  # stage 1, its English test, the test
+    if validates:
+        reads.append(("en", "validation"))
+    if gold:
+        reads += [(lang, "train")] * trains + [(lang, "validation")] * validates
+    data = {key: examples(cfg, *key) for key in dict.fromkeys(reads)}
+    empty = {}
+    for (code, split), rows in data.items():
+        if gold and code == lang and code != "en":
+            _check_parallel(cfg, lang, split, rows, data[("en", split)])
+        where = f"{cfg.task.name} {code} {split}"
+        misplaced = [ex["id"] for ex in rows for a in ex.get("answers", [])
+                     if ex["context"][a["answer_start"]:a["answer_start"] + len(a["text"])] != a["text"]]
+        if misplaced:
+            raise DataError(f"{where}: {len(misplaced)} answers are not found at their offset in the context "
+                            f"(first: question {misplaced[0]}).")
+        count = sum(not text.strip() for ex in rows for text in _texts(ex))
+        if count:
+            empty[f"{code} {split}"] = count
+    if empty:
+        listed = ", ".join(f"{n} in {where}" for where, n in empty.items())
+        if cfg.data.get("empty_texts", "warn") == "refuse":
+            raise DataError(f"{cfg.task.name} has empty texts ({listed}) and data.empty_texts=refuse.")
+        print(f"warning: {cfg.task.name} has empty texts: {listed}.", flush=True)
+    return empty
 
 
 class LazyTranslator:

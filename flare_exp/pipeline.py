@@ -24,7 +24,7 @@ from .evaluate import predict, score
 from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import hub_reachable, load_tokenizer, model_in_local_cache, pick_device, save_once
-from .pairs import LazyTranslator, back_translate_answers, examples, test_pairs, training_pairs
+from .pairs import LazyTranslator, back_translate_answers, check_data, examples, test_pairs, training_pairs
 from .results import (POINTER, config_hash, git_commit, run_dir, run_identity, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
 from .stage1 import ensure_stage1, load_stage1
@@ -46,6 +46,7 @@ def validate(cfg: DictConfig) -> None:
     task, lang, model, mt = cfg.task, cfg.lang, cfg.model, cfg.mt
     try:
         method = method_for(cfg.method)
+        method.check(cfg)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if lang.code not in task.languages:
@@ -135,6 +136,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     finished = _finished(out, identity, cfg.force)
     if finished is not None:
         return finished
+    empty_texts = check_data(cfg, method_for(cfg.method).trains)
 
     started = time.perf_counter()
     _, rank = distributed.setup()
@@ -166,7 +168,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             "lang": cfg.lang.code, "seed": cfg.seed, "experiment": cfg.experiment_name,
             "metrics": metrics, **extra_metrics, "headline_metric": cfg.task.metric,
             "stage1": {"dir": str(stage1_path), "train": stage1_info["train"]},
-            "stage1_english": stage1_info["english_test"], "stage2_train": train_stats, "data": data_info,
+            "stage1_english": stage1_info["english_test"], "stage2_train": train_stats,
+            "data": {**data_info, **({"empty_texts": empty_texts} if empty_texts else {})},
             "timing": {"run_seconds": time.perf_counter() - started, "device": str(device)},
             "git_commit": git_commit(), "run_id": config_hash(identity, 8), "identity": identity,
             "config": OmegaConf.to_container(cfg, resolve=True),

@@ -44,7 +44,7 @@ def write_lines_atomic(path: Path, rows: list[dict]) -> None:
 # Config entries that cannot change a run's result: where it is written, how it is tracked, where
 # it runs, how it is grouped, how often it checkpoints, the evaluation batch size.
 NOT_IDENTITY = ("hydra", "output_dir", "tracking", "force", "device", "stage", "experiment_name",
-                "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every")
+                "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every", "data.empty_texts")
 
 
 def config_hash(data: dict, length: int) -> str:
@@ -120,13 +120,14 @@ class SweepSummary(Callback):
         for marker in failed:
             overrides, _, error = marker.read_text().partition("\n")
             print(f"FAILED job {marker.parent.name} ({overrides}): {error.strip()}")
-        failed = len(failed)
+        failed, jobs = len(failed), len({p.parent for p in sweep.glob("*/.hydra")} | {m.parent for m in failed})
         if not results:
             print(f"No finished runs in {sweep}.")
         else:
             self._report(config, sweep, results, failed)
         if failed:
-            raise SystemExit(f"{failed} job(s) of the sweep failed; the others finished (see above).")
+            others = "the others finished" if failed < jobs else "none finished"
+            raise SystemExit(f"{failed} of {jobs} job(s) of the sweep failed; {others} (see above).")
 
     @staticmethod
     def _report(config: DictConfig, sweep: Path, results: list, failed: int) -> None:

@@ -75,6 +75,32 @@ def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
     output, _ = job.communicate(timeout=300)  # bounded: the dead job is seen, not waited on
     assert job.returncode == 1, output[-3000:]
     assert f"SLURM job {killed}" in output and "CANCELLED" in output
-    assert "1 job(s) of the sweep failed" in output
+    assert "1 of 2 job(s) of the sweep failed; the others finished" in output
     assert list(tmp_path.glob("runs/demo/tiny-bert/gold/zero_shot/dma/seed100-*/results.json"))
     assert not list(tmp_path.glob("runs/demo/tiny-bert/gold/flare/dma/seed100-*/results.json"))
+
+
+def test_a_preempted_job_is_requeued_resumes_and_is_not_reported_failed(tmp_path):
+    """Pre-emption as SLURM announces it (USR2, the launcher's signal): submitit checkpoints the
+    job, requeues it (`scontrol requeue`) and ends the running attempt with SystemExit; the job
+    runs again, resumes stage 2 from its checkpoint and finishes. No FAILED marker may remain."""
+    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=flare", "train.epochs=30",
+                            "train.checkpoint_every=2", "data.max_train=48", "stage1.epochs=1",
+                            f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    signalled = None
+    deadline = time.time() + 600
+    while signalled is None and time.time() < deadline and job.poll() is None:
+        time.sleep(1)
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+        running = [line.split()[0] for line in queue.splitlines() if line.endswith("RUNNING")]
+        if running and list(tmp_path.glob("runs/demo/tiny-bert/gold/flare/dma/seed100-*/checkpoint")):
+            signalled = running[0]
+            subprocess.run(["scancel", "--signal=USR2", signalled], check=True)
+    assert signalled, "stage 2 never wrote a checkpoint"
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-3000:]
+    assert list(tmp_path.glob("runs/demo/tiny-bert/gold/flare/dma/seed100-*/results.json"))
+    assert not list(tmp_path.glob("sweeps/*/*/FAILED"))
+    logs = " ".join(p.read_text() for p in tmp_path.glob(f"sweeps/*/.submitit/{signalled}*/*log.*"))
+    assert "preempted" in logs and "Resuming stage 2" in logs

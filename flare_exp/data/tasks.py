@@ -99,6 +99,9 @@ def _csv(path: Path, cfg: DictConfig, split: str, file_split: str) -> list[dict]
     header = ["id", *cfg.fields, "label"]
     if not rows or set(rows[0]) != set(header):
         raise DataError(f"{path} must have the header {','.join(header)}.")
+    for number, row in enumerate(rows):
+        if None in row or None in row.values():  # a cell too many, or too few
+            raise DataError(f"{path}, row {number + 1}: expected the {len(header)} columns {','.join(header)}.")
     return [{"id": f"{cfg.name}-{split}-{r['id']}", **{f: r[f] for f in cfg.fields},
              "label": _check_label(r["label"], cfg, str(path))} for r in rows]
 

@@ -1,39 +1,66 @@
 """The SLURM launcher of the sweeps: hydra-submitit-launcher's, tolerant of jobs that die
 without a result (killed, out of memory, a lost node). Such a job is recorded as FAILED in its
 sweep folder and the sweep ends with the others' results and summary, instead of stopping at
-the first dead job. (Python errors inside a job are caught by run.py itself.)"""
+the first dead job. (Python errors inside a job are caught by run.py itself; a job that submitit
+requeues after a pre-emption or timeout is no failure: the launcher goes on waiting for it.)
+
+It overrides the launcher's own ``launch`` (submission as hydra-submitit-launcher does it, then
+its own collection of results) and touches nothing inside submitit.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from unittest import mock
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 class TolerantSlurmLauncher(SlurmLauncher):
-    def launch(self, job_overrides, initial_job_idx):
+    def submit(self, job_overrides, initial_job_idx) -> list:
+        """One job array of the sweep's jobs (hydra-submitit-launcher's parameters); its jobs."""
         import submitit
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"],
+                                         **{f"{self._EXECUTOR}_max_num_timeout": self.params["max_num_timeout"]}
+                                         if "max_num_timeout" in self.params else {})
+        queue = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in queue else f"{self._EXECUTOR}_{k}": v
+                                      for k, v in self.params.items() if k not in init_keys})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
+        params = []
+        for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
+            params.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
+        return executor.map_array(self, *zip(*params))
+
+    def launch(self, job_overrides, initial_job_idx):
+        jobs = self.submit(job_overrides, initial_job_idx)
+        return [self.result(job) for job in jobs]
+
+    def result(self, job) -> JobReturn:
+        """The job's return, or for a job that died without one a FAILED marker in its folder and
+        a completed return (Hydra's sweeper would re-raise a failed one and stop the summary: the
+        marker carries the failure, and the summary exits non-zero)."""
         from submitit.core.utils import UncompletedJobError
 
-        results = submitit.core.core.Job.results
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-
-        def tolerant(job):
-            try:
-                return results(job)
-            except UncompletedJobError as error:
-                overrides, _, index = job.submission().args[:3]
-                folder = sweep_dir / str(index)
-                folder.mkdir(parents=True, exist_ok=True)
-                summary = " ".join(str(error).splitlines()[:2])
-                (folder / "FAILED").write_text(f"{' '.join(overrides)}\nSLURM job {job.job_id}: {summary}\n")
-                # Hydra's sweeper re-raises a FAILED return and would stop the sweep's summary:
-                # the FAILED marker carries the failure, and the summary exits non-zero.
-                recorded = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-                recorded._return_value = None
-                return [recorded]
-
-        with mock.patch.object(submitit.core.core.Job, "results", tolerant):
-            return super().launch(job_overrides, initial_job_idx)
+        try:
+            return job.results()[0]
+        except UncompletedJobError as error:
+            overrides, _, index = job.submission().args[:3]
+            folder = Path(str(self.config.hydra.sweep.dir)) / str(index)
+            folder.mkdir(parents=True, exist_ok=True)
+            summary = " ".join(str(error).splitlines()[:2])
+            (folder / "FAILED").write_text(f"{' '.join(overrides)}\nSLURM job {job.job_id}: {summary}\n")
+            recorded = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+            recorded._return_value = None
+            return recorded
