@@ -91,7 +91,7 @@ class LazyTranslator:
     def translate(self, texts, src, tgt):
         if self._impl is None:
             mt = self.cfg.mt
-            self._impl = FakeTranslator() if mt.name == "fake" else NLLBTranslator(
+            self._impl = FakeTranslator(delay_s=mt.get("delay_s", 0.0)) if mt.name == "fake" else NLLBTranslator(
                 mt.model, beams=mt.beams, max_length=self.max_length, batch_size=mt.batch_size, device=self.device)
         return self._impl.translate(texts, src, tgt)
 

@@ -4,7 +4,6 @@ cached: the key, the lock that lets concurrent jobs share one training, training
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel, get_peft_model
 
 from . import distributed
+from .locking import file_lock
 from .evaluate import predict, score
 from .methods import lora_config, task_head
 from .models import load_base_model
@@ -38,16 +38,6 @@ def stage1_dir(cfg: DictConfig) -> Path:
     return (Path(cfg.output_dir) / "stage1" / cfg.task.name / cfg.model.name
             / f"seed{cfg.seed}-{stage1_key(cfg)}")
 
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_stage1(cfg: DictConfig, tokenizer, batcher, device) -> Path:

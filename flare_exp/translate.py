@@ -6,7 +6,9 @@ projection of QA answers through translation (spec sections 5 and 8).
 
 Every (task, split, direction, language, MT model, generation settings) has one cache file, a
 JSON line per translated example appended as batches finish, so an interrupted stage resumes
-where it stopped and every method and seed reads the same translations.
+where it stopped and every method and seed reads the same translations. One job at a time
+translates into a cache file (a lock beside it); the others wait and then read its translations,
+so concurrent jobs neither duplicate the work nor interleave records.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .locking import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +77,14 @@ class FakeTranslator:
     """A deterministic stand-in (tests, offline smoke runs): prefixes every word with the target
     code, so that translations are recognisable and markers survive."""
 
-    def __init__(self, lose_markers_in: tuple[str, ...] = ()):
+    def __init__(self, lose_markers_in: tuple[str, ...] = (), delay_s: float = 0.0):
         self.lose_markers_in = lose_markers_in  # texts containing one of these lose their markers
+        self.delay_s = delay_s  # seconds per call, as a slow MT system (concurrency tests)
         self.calls = 0
 
     def translate(self, texts: list[str], src: str, tgt: str) -> list[str]:
         self.calls += 1
+        time.sleep(self.delay_s)
         prefix = tgt.split("_")[0]
         out = []
         for text in texts:
@@ -152,12 +158,21 @@ def translate_examples(examples: list[dict], fields: list[str], src: str, tgt: s
     """``{id: {field: translation}}`` for ``examples``, from the cache where it has them.
 
     New translations are appended to ``path`` batch by batch (flushed and synced), so a killed
-    stage loses at most the batch in flight.
+    stage loses at most the batch in flight. The cache's writer holds its lock: a job that finds
+    translations missing waits for it, then reads again and translates only what is still missing.
     """
     done = _read_cache(path)
+    if any(ex["id"] not in done for ex in examples):
+        with file_lock(path.with_name(path.name + ".lock")):
+            done = _read_cache(path)  # what a writer before us added
+            _translate_missing(examples, fields, src, tgt, translator, path, batch_size, desc, done)
+    return [done[ex["id"]] for ex in examples]
+
+
+def _translate_missing(examples, fields, src, tgt, translator, path: Path, batch_size: int, desc: str,
+                       done: dict) -> None:
     todo = [ex for ex in examples if ex["id"] not in done]
     if todo:
-        path.parent.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(path)
         started = time.perf_counter()
         with path.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc=desc, unit="ex") as bar:
@@ -172,7 +187,6 @@ def translate_examples(examples: list[dict], fields: list[str], src: str, tgt: s
                 os.fsync(out.fileno())
                 bar.update(len(chunk))
         log.info("translated %d examples in %.1f s (%s)", len(todo), time.perf_counter() - started, path)
-    return [done[ex["id"]] for ex in examples]
 
 
 # -- QA answers through translation --------------------------------------------------------

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,3 +105,16 @@ def test_a_preempted_job_is_requeued_resumes_and_is_not_reported_failed(tmp_path
     assert not list(tmp_path.glob("sweeps/*/*/FAILED"))
     logs = " ".join(p.read_text() for p in tmp_path.glob(f"sweeps/*/.submitit/{signalled}*/*log.*"))
     assert "preempted" in logs and "Resuming stage 2" in logs
+
+
+def test_two_jobs_sharing_one_translation_cache_write_each_record_once(tmp_path):
+    """Two jobs of one array translate the same split at the same time (a slow stand-in MT): one
+    writes the cache, the other waits and reads it."""
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), *LAUNCH, "stage=translate", "mt=fake",
+                           "mt.delay_s=2", "mt.batch_size=16", "data.max_train=48", "seed=1,2",
+                           f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (cache,) = tmp_path.glob("translations/demo/train/en-x-dma/*.jsonl")
+    ids = [json.loads(line)["id"] for line in cache.read_text().splitlines()]
+    assert len(ids) == 48 and len(set(ids)) == 48

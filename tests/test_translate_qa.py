@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,8 +73,8 @@ class Interrupted(Exception):
 
 
 class CountingTranslator(FakeTranslator):
-    def __init__(self, fail_after_calls=None):
-        super().__init__()
+    def __init__(self, fail_after_calls=None, delay_s=0.0):
+        super().__init__(delay_s=delay_s)
         self.fail_after_calls = fail_after_calls
         self.texts = 0
 
@@ -99,6 +100,35 @@ def test_cache_survives_an_interrupted_run_and_is_reused(tmp_path):
     reused = CountingTranslator()
     assert translate_examples(examples, ["text"], "swh_Latn", "eng_Latn", reused, path, 4) == expected
     assert reused.texts == 0
+
+
+def _translate_in_process(path: str, start, counts) -> None:
+    """One job's translate-train into a shared cache, begun at ``start``: the number of texts it
+    translated goes into ``counts``."""
+    examples = [{"id": f"e{i}", "text": f"sentence number {i}"} for i in range(24)]
+    translator = CountingTranslator(delay_s=0.2)  # a slow MT system: 6 batches, 1.2 s
+    start.wait()
+    translate_examples(examples, ["text"], "eng_Latn", "swh_Latn", translator, Path(path), 4)
+    counts.put(translator.texts)
+
+
+def test_concurrent_jobs_share_one_cache_without_duplicates(tmp_path):
+    """Two processes (as two jobs of a sweep) need the same translations at the same moment: one
+    translates, the other waits and reads; every record once, none interleaved."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, counts, path = context.Event(), context.Queue(), tmp_path / "cache.jsonl"
+    jobs = [context.Process(target=_translate_in_process, args=(str(path), start, counts)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    start.set()
+    translated = sorted(counts.get(timeout=120) for _ in jobs)
+    for job in jobs:
+        job.join(timeout=60)
+    assert translated == [0, 24]  # one did all the work, the other none
+    ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]  # every line whole
+    assert sorted(ids) == sorted(f"e{i}" for i in range(24))
 
 
 def test_nllb_fallback_is_explicit_and_logged(caplog):
