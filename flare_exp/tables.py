@@ -40,13 +40,22 @@ def load_results(paths) -> pd.DataFrame:
         row["english_score"] = result.get("stage1_english", {}).get(result.get("headline_metric", "accuracy"))
         row["run_dir"] = str(Path(path).parent)
         rows.append(row)
-        identities.append(_flatten(result.get("identity", {})))
+        identities.append(_identity(result))
     frame = pd.DataFrame(rows)
     settings = _differing_settings(rows, identities)
     frame["setting"] = settings
     if any(settings):
         frame["method"] = [m + (f" [{s}]" if s else "") for m, s in zip(frame["method"], settings)]
     return frame
+
+
+def _identity(result: dict) -> dict:
+    """The run's recorded identity, flat, without what cannot change a result by today's
+    definition (a record written before a setting was found not to matter compares equal)."""
+    from .results import NOT_IDENTITY
+
+    return {k: v for k, v in _flatten(result.get("identity", {})).items()
+            if not any(k == n or k.startswith(n + ".") for n in NOT_IDENTITY)}
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

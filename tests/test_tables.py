@@ -93,3 +93,19 @@ def test_bootstrap_macro_f1_is_the_scored_macro_f1(tmp_path):
         runs[method] = (folder, macro_f1(gold, predictions, LABELS))
     result = paired_bootstrap(runs["flare"][0], runs["lora"][0], "macro_f1", samples=50)
     assert result["difference"] == pytest.approx(100 * (runs["flare"][1] - runs["lora"][1]))
+
+
+def test_settings_that_cannot_change_a_result_do_not_split_a_method(tmp_path):
+    """A record written before a setting was declared result-neutral (here data.empty_texts)
+    compares equal to one without it; a real difference still splits the row."""
+    from flare_exp.tables import load_results
+
+    base = {"train": {"lr": 2e-5}, "data": {"dir": None}, "seed": 100}
+    paths = [write_run(tmp_path, "lora", 5, seed=100, identity=base) / "results.json",
+             write_run(tmp_path, "lora", 6, seed=101, identity={**base, "seed": 101,
+                                                                 "data": {"dir": None, "empty_texts": "warn"}})
+             / "results.json"]
+    assert set(load_results(paths)["method"]) == {"lora"}
+    other = write_run(tmp_path, "lora", 7, seed=102, identity={**base, "seed": 102, "train": {"lr": 1e-3}})
+    assert set(load_results([*paths, other / "results.json"])["method"]) == {
+        "lora [train.lr=2e-05]", "lora [train.lr=0.001]"}
