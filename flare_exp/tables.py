@@ -89,9 +89,13 @@ def method_order(labels) -> list[str]:
 
 
 def format_table(frame, metric: str) -> str:
-    """Methods x languages (mean over seeds), in percent, as a small text table."""
-    pivot = frame.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
-    pivot = pivot.reindex(method_order(pivot.index))
+    """(model, method) x languages, in percent, as a small text table: one row per model and
+    method (never an average over models; task and MT system too where they vary), the mean over
+    seeds in a cell."""
+    index = [k for k in ("task", "mt") if frame[k].nunique() > 1] + ["model", "method"]
+    pivot = frame.pivot_table(index=index, columns="lang", values=metric, aggfunc="mean") * 100
+    order = {m: i for i, m in enumerate(method_order(set(frame["method"])))}
+    pivot = pivot.sort_index(key=lambda level: level.map(order) if level.name == "method" else level)
     english = frame["english_score"].dropna()
     lines = [pivot.round(2).to_string()]
     if len(english):
@@ -127,20 +131,30 @@ def by_seed(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out
 
 
-def summary(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    seeds = by_seed(frame, metric)
-    grouped = seeds.groupby(["task", "model", "mt", "method"])["score"]
-    out = grouped.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "seeds"})
+def summary(frame: pd.DataFrame, metric: str, languages: int | None = None, seeds: int | None = None) -> pd.DataFrame:
+    """Mean and std over seeds of the average over languages. A cell whose runs cover fewer than
+    the table's declared ``languages`` (in any seed) or ``seeds`` is marked incomplete: its
+    average is over another set than the paper's, so it is not compared with the paper's."""
+    by = by_seed(frame, metric)
+    grouped = by.groupby(["task", "model", "mt", "method"])
+    out = grouped["score"].agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "seeds"})
+    out["languages"] = grouped["languages"].min().values
     out["std"] = out["std"].fillna(0.0)
+    out["complete"] = [(languages is None or n >= languages) and (seeds is None or k >= seeds)
+                       for n, k in zip(out["languages"], out["seeds"])]
+    out["coverage"] = ["" if ok else ", ".join(filter(None, [
+        f"{n}/{languages} langs" if languages and n < languages else "",
+        f"{k}/{seeds} seeds" if seeds and k < seeds else ""])) for ok, n, k in zip(out["complete"], out["languages"], out["seeds"])]
     out["paper"] = [paper_value(t, m, me) for t, m, me in zip(out["task"], out["model"], out["method"])]
-    out["difference"] = out["mean"] - out["paper"].astype(float)
+    out["difference"] = [mean - float(paper) if ok and not pd.isna(paper) else float("nan")
+                         for mean, paper, ok in zip(out["mean"], out["paper"], out["complete"])]
     return out
 
 
 
 
-def _cell(mean: float, std: float, seeds: int, bold: bool, latex: bool) -> str:
-    text = f"{mean:.2f}" + (f" ± {std:.2f}" if seeds > 1 else "")
+def _cell(mean: float, std: float, seeds: int, bold: bool, latex: bool, coverage: str = "") -> str:
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if seeds > 1 else "") + (f" ({coverage})" if coverage else "")
     if latex:
         text = text.replace("±", r"$\pm$")
         return rf"\textbf{{{text}}}" if bold else text
@@ -148,14 +162,15 @@ def _cell(mean: float, std: float, seeds: int, bold: bool, latex: bool) -> str:
 
 
 def paper_table(table: pd.DataFrame, latex: bool = False) -> str:
-    """Methods x models: ours (best method of each model in bold), the paper's number, the
-    difference."""
+    """Methods x models: ours (the best complete method of each model in bold), the paper's
+    number, the difference (complete cells only; an incomplete cell names its coverage)."""
     models = list(dict.fromkeys(table["model"]))
     header = ["method"]
     for model in models:
         header += [model, "paper", "Δ"]
     rows = []
-    best = table.loc[table.groupby("model")["mean"].idxmax(), ["model", "method"]].values.tolist()
+    complete = table[table["complete"]] if "complete" in table else table
+    best = complete.loc[complete.groupby("model")["mean"].idxmax(), ["model", "method"]].values.tolist()
     for method in method_order(set(table["method"])):
         row = [method.replace("_", r"\_") if latex else method]
         for model in models:
@@ -164,7 +179,7 @@ def paper_table(table: pd.DataFrame, latex: bool = False) -> str:
                 row += ["–", "–", "–"]
                 continue
             r = hit.iloc[0]
-            row.append(_cell(r["mean"], r["std"], int(r["seeds"]), [model, method] in best, latex))
+            row.append(_cell(r["mean"], r["std"], int(r["seeds"]), [model, method] in best, latex, r.get("coverage", "")))
             row.append("–" if pd.isna(r["paper"]) else f"{r['paper']:.2f}")
             row.append("–" if pd.isna(r["difference"]) else f"{r['difference']:+.2f}")
         rows.append(row)
@@ -293,7 +308,9 @@ def build(experiment: str, overrides: list[str], out: Path, samples: int = 1000)
         return report
     frame = load_results(finished)
     metric = json.loads(finished[0].read_text())["headline_metric"]
-    table = summary(frame, metric)
+    declared = {k: len({choice.get(k) for choice, _ in jobs}) if any(k in c for c, _ in jobs) else None
+                for k in ("lang", "seed")}
+    table = summary(frame, metric, declared["lang"], declared["seed"])
     table.to_csv(folder / "table.csv", index=False)
     markdown = paper_table(table)
     (folder / "table.md").write_text(markdown)

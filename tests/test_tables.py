@@ -109,3 +109,40 @@ def test_settings_that_cannot_change_a_result_do_not_split_a_method(tmp_path):
     other = write_run(tmp_path, "lora", 7, seed=102, identity={**base, "seed": 102, "train": {"lr": 1e-3}})
     assert set(load_results([*paths, other / "results.json"])["method"]) == {
         "lora [train.lr=2e-05]", "lora [train.lr=0.001]"}
+
+
+def _frame(rows):
+    import pandas as pd
+
+    return pd.DataFrame([{"task": "xnli", "model": "xlmr-large", "mt": "gold", "english_score": None, **r} for r in rows])
+
+
+def test_a_cell_over_fewer_languages_is_marked_and_not_compared_with_the_paper():
+    from flare_exp.tables import paper_table, summary
+
+    rows = [{"method": "lora", "lang": lang, "seed": 100, "accuracy": 0.80} for lang in ("sw", "ur", "hi")]
+    rows += [{"method": "flare", "lang": lang, "seed": 100, "accuracy": 0.90} for lang in ("sw", "ur")]
+    table = summary(_frame(rows), "accuracy", languages=3, seeds=1).set_index("method")
+    assert table.loc["lora", "complete"] and table.loc["lora", "difference"] == pytest.approx(80 - 80.49)
+    assert not table.loc["flare", "complete"] and table.loc["flare", "coverage"] == "2/3 langs"
+    assert pd_isna(table.loc["flare", "difference"])
+    markdown = paper_table(table.reset_index())
+    flare_row = next(line for line in markdown.splitlines() if line.startswith("| flare |"))
+    lora_row = next(line for line in markdown.splitlines() if line.startswith("| lora |"))
+    assert "90.00 (2/3 langs) | 80.99 | – |" in flare_row  # higher, but incomplete: not bold, no Δ
+    assert "**80.00**" in lora_row and "-0.49" in lora_row
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+def test_the_sweep_summary_never_averages_over_models():
+    from flare_exp.tables import format_table
+
+    rows = [{"method": "lora", "lang": "sw", "seed": 100, "accuracy": 0.40, "model": "a"},
+            {"method": "lora", "lang": "sw", "seed": 100, "accuracy": 0.60, "model": "b"}]
+    text = format_table(_frame(rows).assign(model=[r["model"] for r in rows]), "accuracy")
+    assert "40.0" in text and "60.0" in text and "50.0" not in text
