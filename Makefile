@@ -44,6 +44,9 @@ table-nusax-cpu: $(STAMP) ## Tables and plots of the NusaX CPU study (finished r
 paper-%: $(STAMP) ## Run a paper table's sweep: paper-xnli|tydiqa|nusax [LAUNCHER=local|slurm]
 	$(PY) run.py experiment=paper_$* hydra/launcher=$(LAUNCHER)
 
+plan-%: $(STAMP) ## Jobs, done and estimated GPU-hours per stage of a paper table: plan-xnli|tydiqa|nusax
+	$(OFFLINE) $(PY) -m flare_exp.plan experiment=paper_$*
+
 table-%: $(STAMP) ## Build a paper table from finished runs, list the missing: table-xnli|tydiqa|nusax
 	$(PY) -m flare_exp.tables experiment=paper_$*
 

@@ -157,7 +157,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             train_stats = train_model(model, batcher, inputs, english, cfg.train, cfg.seed, device,
                                       desc=f"stage 2 {method.label} {cfg.lang.code}",
                                       checkpoint=Checkpoint(out / "checkpoint", int(cfg.train.checkpoint_every)),
-                                      validation=_validation(cfg, method, model, batcher, translator, device))
+                                      validation=_validation(cfg, method, model, batcher, translator, device),
+                                      log=wandb_run.log if wandb_run is not None else None)
         test, english_test = test_pairs(cfg, translator, english=method.reads_english_test)
         if rank:
             return None
@@ -177,6 +178,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
         _write(out, cfg, rows, result)
         if wandb_run is not None:
             wandb_run.log({f"test/{k}": v for k, v in metrics.items()})
+            wandb_run.summary.update({f"stage1_english/{k}": v for k, v in stage1_info["english_test"].items()})
     print(summary_line(result))
     return result
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 
 from .metrics import macro_f1_rows, normalize_answer, token_f1
 from .paper_results import METHODS, paper_value
@@ -104,8 +105,8 @@ def format_table(frame, metric: str) -> str:
 
 
 # -- which runs an experiment declares -------------------------------------------------------
-def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:
-    """(choices, run directory) of every job of ``experiment``'s sweep."""
+def sweep_configs(experiment: str, overrides: list[str]) -> list[tuple[dict, DictConfig]]:
+    """(choices, composed config) of every job of ``experiment``'s sweep."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -117,9 +118,14 @@ def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Pat
         jobs = []
         for values in itertools.product(*params.values()):
             choice = dict(zip(params, values))
-            job = compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())])
-            jobs.append((choice, run_dir(job)))
+            jobs.append((choice, compose(config_name="config",
+                                         overrides=[*base, *(f"{k}={v}" for k, v in choice.items())])))
     return jobs
+
+
+def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:
+    """(choices, run directory) of every job of ``experiment``'s sweep."""
+    return [(choice, run_dir(cfg)) for choice, cfg in sweep_configs(experiment, overrides)]
 
 
 # -- aggregation ---------------------------------------------------------------------------
@@ -219,15 +225,13 @@ def _example_scores(path: Path, metric: str) -> tuple[list[str], np.ndarray, lis
     return ids, np.array([float(r["prediction"] == r["gold"]) for r in rows]), rows
 
 
-def paired_bootstrap(flare_dir: Path, lora_dir: Path, metric: str, samples: int = 1000, seed: int = 0) -> dict:
-    """FLARE minus LoRA on the same test examples, and the share of resamples in which FLARE is
-    not better (a one-sided p-value)."""
+def _bootstrap(flare_dir: Path, lora_dir: Path, metric: str, draws: np.ndarray | None, rng) -> tuple:
+    """(observed FLARE - LoRA, the differences over bootstrap resamples, n) on the same examples."""
     ids_f, scores_f, rows_f = _example_scores(flare_dir, metric)
     ids_l, scores_l, rows_l = _example_scores(lora_dir, metric)
     if ids_f != ids_l:
         raise ValueError(f"{flare_dir} and {lora_dir} scored different examples.")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(ids_f), size=(samples, len(ids_f)))
+    draws = rng.integers(0, len(ids_f), size=(draws, len(ids_f)))
     if metric == "macro_f1":  # over the task's labels, as results.json scores it
         labels = list(json.loads((flare_dir / "results.json").read_text())["config"]["task"]["labels"])
         gold = np.array([r["gold"] for r in rows_f], dtype=object)
@@ -238,18 +242,51 @@ def paired_bootstrap(flare_dir: Path, lora_dir: Path, metric: str, samples: int 
     else:
         observed = float(scores_f.mean() - scores_l.mean())
         diffs = scores_f[draws].mean(1) - scores_l[draws].mean(1)
-    return {"difference": 100 * observed, "p_value": float((diffs <= 0).mean()), "n": len(ids_f)}
+    return observed, diffs, len(ids_f)
+
+
+def paired_bootstrap(flare_dir: Path, lora_dir: Path, metric: str, samples: int = 1000, seed: int = 0) -> dict:
+    """FLARE minus LoRA on the same test examples, and the share of resamples in which FLARE is
+    not better (a one-sided p-value)."""
+    observed, diffs, n = _bootstrap(flare_dir, lora_dir, metric, samples, np.random.default_rng(seed))
+    return {"difference": 100 * observed, "p_value": float((diffs <= 0).mean()), "n": n}
+
+
+def averaged_bootstrap(pairs: list[tuple[Path, Path]], metric: str, samples: int = 1000, seed: int = 0) -> dict:
+    """FLARE minus LoRA averaged over languages (one (FLARE, LoRA) pair of runs each), with a
+    paired bootstrap stratified by language: each resample draws every language's test set anew."""
+    rng = np.random.default_rng(seed)
+    parts = [_bootstrap(f, l, metric, samples, rng) for f, l in pairs]
+    diffs = np.mean([d for _, d, _ in parts], axis=0)
+    return {"difference": 100 * float(np.mean([o for o, _, _ in parts])), "p_value": float((diffs <= 0).mean()),
+            "n": sum(n for _, _, n in parts)}
+
+
+def p_text(p: float, samples: int) -> str:
+    """A p-value of the bootstrap, or "<1/samples" where no resample went the other way."""
+    return f"<{1 / samples:.3f}" if p == 0 else f"{p:.3f}"
 
 
 def significance_table(frame: pd.DataFrame, metric: str, samples: int = 1000) -> str:
+    """FLARE minus LoRA per language and, per (task, model, mt, seed), over the languages both
+    finished (stratified by language)."""
     lines = ["| task | model | mt | lang | seed | FLARE − LoRA | p (FLARE ≤ LoRA) | n |", "|---|---|---|---|---|---|---|---|"]
     keys = ["task", "model", "mt", "lang", "seed"]
     flare = frame[frame["method"] == "flare"].set_index(keys)["run_dir"]
     lora = frame[frame["method"] == "lora"].set_index(keys)["run_dir"]
-    for key in sorted(set(flare.index) & set(lora.index)):
+    both = sorted(set(flare.index) & set(lora.index))
+    for key in both:
         test = paired_bootstrap(Path(flare[key]), Path(lora[key]), metric, samples)
         lines.append("| " + " | ".join(map(str, key)) +
-                     f" | {test['difference']:+.2f} | {test['p_value']:.3f} | {test['n']} |")
+                     f" | {test['difference']:+.2f} | {p_text(test['p_value'], samples)} | {test['n']} |")
+    groups: dict[tuple, list] = {}
+    for key in both:
+        groups.setdefault(key[:3] + key[4:], []).append((Path(flare[key]), Path(lora[key])))
+    for (task, model, mt, seed), pairs in groups.items():
+        if len(pairs) > 1:
+            test = averaged_bootstrap(pairs, metric, samples)
+            lines.append(f"| {task} | {model} | {mt} | average of {len(pairs)} | {seed} | {test['difference']:+.2f} | "
+                         f"{p_text(test['p_value'], samples)} | {test['n']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -99,9 +99,10 @@ class _Selection:
         self.curve, self.best_step, self.best_score = saved["curve"], saved["best_step"], saved["best_score"]
         self.best = best
 
-    def after_step(self, model, step: int, total: int) -> None:
+    def after_step(self, model, step: int, total: int) -> float | None:
+        """The validation score when this step validates, else None."""
         if not self.validation or (step % self.every and step < total):
-            return
+            return None
         model.eval()
         score = float(self.validation.score())
         model.train()
@@ -109,6 +110,7 @@ class _Selection:
         if self.validation.select == "best" and (self.best_score is None or score > self.best_score):
             self.best_step, self.best_score = step, score
             self.best = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return score
 
     def state(self) -> dict:
         return {"curve": self.curve, "best_step": self.best_step, "best_score": self.best_score}
@@ -235,7 +237,8 @@ def _accumulate(accelerator, runner, batcher, group: list[list[int]], targets, e
 
 
 def train_model(model, batcher, targets: list[dict], english: list[dict] | None, train_cfg, seed: int,
-                device, desc: str, checkpoint: Checkpoint | None = None, validation: Validation | None = None) -> dict:
+                device, desc: str, checkpoint: Checkpoint | None = None, validation: Validation | None = None,
+                log: Callable[[dict, int], None] | None = None) -> dict:
     """Train the trainable parameters of ``model`` on ``targets`` (paired with ``english`` for
     FLARE). Returns the mean loss of the first and last epoch and the wall time, and with a
     ``validation`` the validation curve and the selected step, whose adapter the model holds at
@@ -243,6 +246,8 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
 
     With a ``checkpoint``, the state is saved every ``checkpoint.every`` optimizer steps and a
     restarted job (killed, pre-empted) resumes from it and ends as an uninterrupted one would.
+    ``log(values, step)`` (a W&B run's ``log``) gets every step's loss, learning rate and gradient
+    norm, and each validation score.
     """
     checkpoint = checkpoint or Checkpoint(None, 0)
     params, optimizer, scheduler, total = _optimization(model, train_cfg, len(targets))
@@ -277,14 +282,18 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
                 epoch_losses.extend(_accumulate(accelerator, runner, batcher, group, targets, english, device))
-                accelerator.clip_grad_norm_(params, 1.0)
+                norm = accelerator.clip_grad_norm_(params, 1.0)
+                rate = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
-                selection.after_step(model, step, total)
+                score = selection.after_step(model, step, total)
+                if log is not None:
+                    log({"train/loss": epoch_losses[-1], "train/lr": rate, "train/grad_norm": float(norm),
+                         **({"validation/score": score} if score is not None else {})}, step)
                 if step >= total:
                     break
                 if checkpoint.enabled and step % checkpoint.every == 0:

@@ -296,3 +296,31 @@ def test_official_precision_and_optimizer_run_end_to_end(tmp_path):
     assert result["identity"]["train"]["optimizer"] == "adamw_8bit" and result["metrics"]["n"] == 24
     assert make_cfg(["model=xlmr-large"]).train.autocast == "bfloat16"
     assert make_cfg(["model=gemma2-9b"]).train.optimizer == "adamw_8bit"
+
+
+def test_wandb_gets_every_step_validation_and_stage1_scores_grouped_and_tagged(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    class Run:
+        def __init__(self, **kwargs):
+            self.init, self.logged, self.summary = kwargs, [], {}
+
+        def log(self, values, step=None):
+            self.logged.append((step, values))
+
+        def finish(self):
+            pass
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(Run(**kwargs)) or runs[-1])
+    run(make_cfg(["model=tiny-bert", "lang=dma", "method=lora", "tracking=offline", "experiment_name=study",
+                  *SMALL, "train.epochs=2"], tmp_path))
+    (wb,) = runs
+    assert wb.init["group"] == "study" and {"lora", "dma", "seed100", "demo", "tiny-bert"} <= set(wb.init["tags"])
+    steps = [(s, v) for s, v in wb.logged if s is not None]
+    assert [s for s, _ in steps] == list(range(1, len(steps) + 1)) and len(steps) == 6  # 48 examples / 16, 2 epochs
+    assert all({"train/loss", "train/lr", "train/grad_norm"} <= set(v) for _, v in steps)
+    rates = [v["train/lr"] for _, v in steps]  # the linear schedule, from train.lr down
+    assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True) and rates[-1] < rates[0]
+    assert sum("validation/score" in v for _, v in steps) >= 2 and "validation/score" in steps[-1][1]
+    assert any("test/accuracy" in v for _, v in wb.logged) and "stage1_english/accuracy" in wb.summary

@@ -146,3 +146,17 @@ def test_the_sweep_summary_never_averages_over_models():
             {"method": "lora", "lang": "sw", "seed": 100, "accuracy": 0.60, "model": "b"}]
     text = format_table(_frame(rows).assign(model=[r["model"] for r in rows]), "accuracy")
     assert "40.0" in text and "60.0" in text and "50.0" not in text
+
+
+def test_language_averaged_bootstrap_is_stratified_by_language(tmp_path):
+    from flare_exp.tables import averaged_bootstrap, p_text
+
+    runs = {(m, lang): write_run(tmp_path, m, c, n=40, folder=tmp_path / m / lang)
+            for (m, lang), c in {("flare", "a"): 30, ("lora", "a"): 20, ("flare", "b"): 20, ("lora", "b"): 30}.items()}
+    one = averaged_bootstrap([(runs["flare", "a"], runs["lora", "a"])], "accuracy", samples=500)
+    assert one == paired_bootstrap(runs["flare", "a"], runs["lora", "a"], "accuracy", samples=500)
+    # +25 points in one language, -25 in the other: no difference on average, p near one half
+    both = averaged_bootstrap([(runs["flare", "a"], runs["lora", "a"]), (runs["flare", "b"], runs["lora", "b"])],
+                              "accuracy", samples=500)
+    assert both["difference"] == pytest.approx(0.0) and 0.3 < both["p_value"] < 0.7 and both["n"] == 80
+    assert p_text(0.0, 1000) == "<0.001" and p_text(0.0123, 1000) == "0.012"

@@ -1,0 +1,134 @@
+"""A sweep's plan before anything is submitted: the jobs of each stage, what is already done,
+and the GPU-hours still to spend, estimated from the throughput table in ``docs/throughput.csv``.
+
+    python -m flare_exp.plan experiment=paper_xnli [overrides]      # make plan-xnli
+
+Stages: translation (task x language x split x direction x MT system, where a method needs MT),
+stage 1 (task x model x seed x stage-1 settings) and stage 2 with evaluation (every job). Done:
+the translation cache exists, the stage-1 adapter is cached, the run's results.json exists.
+Estimates: training steps x the step time of the (model, method) row at the paper's batch and
+length (scaled to the task's length and the configured batch), evaluation at a third of a step
+per batch, translation at ``TRANSLATE_PER_S``, ``STARTUP_S`` for every stage-1 and stage-2 job's
+start; each row says whether its figures were measured or estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .methods import method_for
+from .pairs import LazyTranslator, _cache
+from .results import run_dir
+from .stage1 import stage1_dir
+from .tables import sweep_configs
+
+THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
+# English training, validation and per-language test sizes of the paper's tasks (their dataset
+# cards: MultiNLI train for XNLI, TyDiQA-GoldP, NusaX-senti); the demo is generated.
+SIZES = {
+    "xnli": {"train": 392_702, "validation": 2_490, "test": 5_010},
+    "tydiqa": {"train": 3_696, "validation": 370,
+               "test": {"ar": 921, "bn": 113, "fi": 782, "id": 565, "ko": 276, "ru": 812, "sw": 499, "te": 669}},
+    "nusax": {"train": 500, "validation": 100, "test": 400},
+    "demo": {"train": 300, "validation": 60, "test": 300},
+}
+TRANSLATE_PER_S = 25.0  # examples a second through NLLB-200 3.3B on one GPU: an estimate, not measured
+STARTUP_S = 180.0  # a job's start: loading (and quantising) its models, an estimate, not measured
+# Methods without a row of their own: the nearest measured cost (an extra English forward for
+# X-Mixup and FLARE MT, as FLARE's).
+# Evaluation-only methods: LoRA's forward.
+MEASURED = {"lora": "lora", "flare": "flare-add_relu", "input_fusion": "input_fusion"}
+ROW_OF = {**MEASURED, "flare_mt": "flare-add_relu", "xmixup": "flare-add_relu"}
+
+
+def _size(task: str, split: str, lang: str) -> int:
+    size = SIZES.get(task, {}).get(split, 0)
+    return size.get(lang, 0) if isinstance(size, dict) else size
+
+
+def _throughput(path: Path = THROUGHPUT) -> dict:
+    return {(r["model"], r["method"], r["gradient_checkpointing"] == "True"): r for r in csv.DictReader(path.open())}
+
+
+def _step(table: dict, cfg: DictConfig, method: str, settings: DictConfig) -> tuple[float, str]:
+    """(seconds per optimizer step, measured | estimate) of ``method`` on ``cfg``'s model."""
+    row = table.get((cfg.model.name, ROW_OF.get(method, "lora"), bool(settings.gradient_checkpointing)))
+    if row is None:
+        return float("nan"), "no row"
+    scale = (settings.batch_size / int(row["batch"])) * (cfg.task.max_length / int(row["length"]))
+    source = "measured" if row["source"] == "measured" and method in MEASURED else "estimate"
+    return float(row["step_s"]) * scale * settings.grad_accum, source
+
+
+def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -> dict:
+    """{stage: {"jobs", "done", "hours", "sources"}} of the experiment's sweep."""
+    table = _throughput(table_path)
+    stages = {name: {"jobs": {}, "done": 0, "hours": 0.0, "sources": set()}
+              for name in ("translate", "stage1", "stage2")}
+
+    def add(stage: str, key, done: bool, hours: float, source: str) -> None:
+        entry = stages[stage]
+        if key in entry["jobs"]:
+            return
+        entry["jobs"][key] = done
+        entry["done"] += done
+        if not done:
+            entry["hours"] += hours
+            entry["sources"].add(source)
+
+    for _, cfg in sweep_configs(experiment, overrides):
+        method, task, lang = method_for(cfg.method), cfg.task.name, cfg.lang.code
+        if cfg.mt.name != "gold":
+            translator = LazyTranslator(cfg, "cpu")
+            needs = [("train", "en-x"), ("validation", "en-x")] * method.trains
+            needs += [("test", "x-en")] * method.reads_english_test
+            for split, direction in needs:
+                path = _cache(cfg, split, direction, translator)
+                size = _size(task, split, "en" if direction == "en-x" else lang)
+                add("translate", path, path.is_file(), size / TRANSLATE_PER_S / 3600, "estimate")
+        english = _size(task, "train", "en")
+        step, source = _step(table, cfg, "lora", cfg.stage1)
+        steps = math.ceil(english / (cfg.stage1.batch_size * cfg.stage1.grad_accum)) * cfg.stage1.epochs
+        add("stage1", stage1_dir(cfg), (stage1_dir(cfg) / "stage1.json").is_file(),
+            (STARTUP_S + steps * step) / 3600, source)
+        step, source = _step(table, cfg, method.name, cfg.train)
+        steps = math.ceil(english / (cfg.train.batch_size * cfg.train.grad_accum)) * cfg.train.epochs
+        batches = math.ceil(_size(task, "test", lang) / cfg.train.batch_size) * method.length_factor
+        evaluations = 10 * math.ceil(_size(task, "validation", lang) / cfg.train.batch_size) * method.trains
+        hours = (STARTUP_S + (steps if method.trains else 0) * step + (batches + evaluations) * step / 3) / 3600
+        add("stage2", run_dir(cfg), (run_dir(cfg) / "results.json").is_file(), hours, source)
+    return {name: {"jobs": len(e["jobs"]), "done": e["done"], "hours": e["hours"],
+                   "sources": sorted(e["sources"])} for name, e in stages.items()}
+
+
+def format_plan(experiment: str, stages: dict) -> str:
+    lines = [f"{experiment}: the plan before anything is submitted", "",
+             "| stage | jobs | done | to run | GPU-hours to run | figures |", "|---|---|---|---|---|---|"]
+    for name, s in stages.items():
+        hours = "–" if not s["jobs"] - s["done"] else f"{s['hours']:,.1f}" if s["hours"] >= 1 else f"{s['hours']:.2f}"
+        lines.append(f"| {name} | {s['jobs']} | {s['done']} | {s['jobs'] - s['done']} | {hours} | "
+                     f"{', '.join(s['sources']) or '–'} |")
+    total = sum(s["hours"] for s in stages.values())
+    lines += ["", f"GPU-hours to run in all: {total:,.1f} (step times from {THROUGHPUT.name}: "
+              "the measured rows on one H100, the others estimates)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides")
+    args = parser.parse_args(argv)
+    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
+    if len(experiments) != 1:
+        raise SystemExit("error: name exactly one experiment=<name>.")
+    rest = [o for o in args.overrides if not o.startswith("experiment=")]
+    print(format_plan(experiments[0], plan(experiments[0], rest)))
+
+
+if __name__ == "__main__":
+    main()
