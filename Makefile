@@ -41,8 +41,8 @@ nusax-cpu: $(STAMP) ## The NusaX CPU study (MiniLM, mt=gold, 3 seeds) on DATA_DI
 table-nusax-cpu: $(STAMP) ## Tables and plots of the NusaX CPU study (finished runs only)
 	$(OFFLINE) $(PY) -m flare_exp.tables experiment=nusax_cpu data.dir=$(DATA_DIR)
 
-paper-%: $(STAMP) ## Run a paper table's sweep: paper-xnli|tydiqa|nusax [LAUNCHER=local|slurm]
-	$(PY) run.py experiment=paper_$* hydra/launcher=$(LAUNCHER)
+paper-%: $(STAMP) ## Run a paper table's sweep as dependent stages: paper-xnli|tydiqa|nusax [LAUNCHER=local|slurm]
+	$(PY) -m flare_exp.sweep experiment=paper_$* --launcher $(LAUNCHER)
 
 plan-%: $(STAMP) ## Jobs, done and estimated GPU-hours per stage of a paper table: plan-xnli|tydiqa|nusax
 	$(OFFLINE) $(PY) -m flare_exp.plan experiment=paper_$*

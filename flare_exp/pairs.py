@@ -12,7 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from .data import DataError, load_examples
-from .translate import (FakeTranslator, NLLBTranslator, cache_file, nllb_code, project_qa, translate_examples)
+from .translate import (FakeTranslator, NLLBTranslator, _read_cache, cache_file, nllb_code, project_qa,
+                        translate_examples)
 
 
 def examples(cfg: DictConfig, lang: str, split: str) -> list[dict]:
@@ -99,6 +100,14 @@ class LazyTranslator:
 def _cache(cfg: DictConfig, split: str, direction: str, translator) -> Path:
     return cache_file(Path(cfg.output_dir) / "translations", cfg.task.name, split, direction, cfg.lang.code,
                       translator.name)
+
+
+def missing_translations(cfg: DictConfig, split: str, direction: str, translator) -> int:
+    """How many examples of ``split`` the ``direction`` translation cache lacks (en-x: the English
+    split into the target language; x-en: the target split into English)."""
+    source = examples(cfg, "en" if direction == "en-x" else cfg.lang.code, split)
+    done = _read_cache(_cache(cfg, split, direction, translator))
+    return sum(ex["id"] not in done for ex in source)
 
 
 def training_pairs(cfg: DictConfig, translator, split: str = "train") -> tuple[list[dict], list[dict], dict]:

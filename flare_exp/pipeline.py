@@ -24,16 +24,24 @@ from .evaluate import predict, score
 from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import hub_reachable, load_tokenizer, model_in_local_cache, pick_device, save_once
-from .pairs import LazyTranslator, back_translate_answers, check_data, examples, test_pairs, training_pairs
+from .pairs import (LazyTranslator, back_translate_answers, check_data, examples, missing_translations, test_pairs,
+                    training_pairs)
 from .results import (POINTER, config_hash, git_commit, run_dir, run_identity, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
-from .stage1 import ensure_stage1, load_stage1
+from .stage1 import ensure_stage1, load_stage1, stage1_dir
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code, translation_quality
 
 
 class ConfigError(ValueError):
     """A combination of config choices that cannot run."""
+
+
+class InputsMissing(ConfigError):
+    """A stage-2 job whose stage 1 or translations are not there yet."""
+
+
+STAGES = ("run", "translate", "stage1", "stage2")
 
 
 def _choices(group: str) -> list[str]:
@@ -44,6 +52,8 @@ def _choices(group: str) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     """Refuse, in one sentence, a combination that cannot run, before any model loads."""
     task, lang, model, mt = cfg.task, cfg.lang, cfg.model, cfg.mt
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"Unknown stage {cfg.stage!r}; choose one of {list(STAGES)}.")
     try:
         method = method_for(cfg.method)
         method.check(cfg)
@@ -90,10 +100,12 @@ def translate_stage(cfg: DictConfig) -> dict:
     translator = LazyTranslator(cfg, pick_device(cfg.device))
     started = time.perf_counter()
     targets, _, info = training_pairs(cfg, translator)
+    validation, _, validation_info = training_pairs(cfg, translator, "validation")
     test, english_test = test_pairs(cfg, translator)
     report = {"task": cfg.task.name, "lang": cfg.lang.code, "mt": translator.name,
-              "train_examples": len(targets), "test_examples": len(test),
-              "seconds": time.perf_counter() - started, **info}
+              "train_examples": len(targets), "validation_examples": len(validation), "test_examples": len(test),
+              "seconds": time.perf_counter() - started, **info,
+              **({"validation_answer_projection": validation_info["answer_projection"]} if validation_info else {})}
     if cfg.task.parallel:  # the human English exists: how good is the MT?
         gold = examples(cfg, "en", "test")
         report["quality_to_english"] = {
@@ -103,6 +115,36 @@ def translate_stage(cfg: DictConfig) -> dict:
     write_json_atomic(path, report)
     print(json.dumps(report, indent=2))
     return report
+
+
+def stage1_stage(cfg: DictConfig) -> dict:
+    """``stage=stage1``: train (or find) the stage-1 adapter of (task, model, seed, stage1.*)."""
+    device = pick_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model, Path(cfg.output_dir) / "cache")
+    path = ensure_stage1(cfg, tokenizer, make_batcher(cfg, tokenizer, plain=True), device)
+    report = {"task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed, "stage1": str(path),
+              **json.loads((path / "stage1.json").read_text())}
+    print(f"stage 1 of {cfg.task.name} {cfg.model.name} seed{cfg.seed}: {path}")
+    return report
+
+
+def require_inputs(cfg: DictConfig, method) -> None:
+    """``stage=stage2``: the cached stage 1 and every translation the run reads must be there;
+    otherwise it fails at once (before any model loads), naming the stage to run."""
+    final = stage1_dir(cfg)
+    if not (final / "stage1.json").is_file():
+        raise InputsMissing(f"Stage 1 of {cfg.task.name} {cfg.model.name} seed {cfg.seed} is not in {final}: "
+                            "run stage=stage1 first (python -m flare_exp.sweep chains the stages).")
+    if cfg.mt.name == "gold":
+        return
+    translator = LazyTranslator(cfg, "cpu")
+    needs = [("train", "en-x"), ("validation", "en-x")] * method.trains + [("test", "x-en")] * method.reads_english_test
+    for split, direction in needs:
+        missing = missing_translations(cfg, split, direction, translator)
+        if missing:
+            raise InputsMissing(f"{missing} {direction} translations of {cfg.task.name} {split} ({cfg.lang.code}) are "
+                                "not in the cache: run stage=translate first (python -m flare_exp.sweep chains the "
+                                "stages).")
 
 
 def make_batcher(cfg: DictConfig, tokenizer, mt_tokenizer=None, plain: bool = False):
@@ -130,6 +172,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     validate(cfg)
     if cfg.stage == "translate":
         return translate_stage(cfg)
+    if cfg.stage == "stage1":
+        return stage1_stage(cfg)
     out, identity = run_dir(cfg), run_identity(cfg)
     if job_dir is not None:
         write_json_atomic(job_dir / POINTER, {"results": str(out / "results.json")})
@@ -137,8 +181,10 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     if finished is not None:
         return finished
     empty_texts = check_data(cfg, method_for(cfg.method).trains)
+    if cfg.stage == "stage2":
+        require_inputs(cfg, method_for(cfg.method))
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     _, rank = distributed.setup()
     device = pick_device(cfg.device)
     method = method_for(cfg.method)
@@ -171,7 +217,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
             "stage1": {"dir": str(stage1_path), "train": stage1_info["train"]},
             "stage1_english": stage1_info["english_test"], "stage2_train": train_stats,
             "data": {**data_info, **({"empty_texts": empty_texts} if empty_texts else {})},
-            "timing": {"run_seconds": time.perf_counter() - started, "device": str(device)},
+            "timing": {"run_seconds": time.perf_counter() - started, "started_at": started_at, "device": str(device)},
             "git_commit": git_commit(), "run_id": config_hash(identity, 8), "identity": identity,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }

@@ -44,7 +44,7 @@ def write_lines_atomic(path: Path, rows: list[dict]) -> None:
 # Config entries that cannot change a run's result: where it is written, how it is tracked, where
 # it runs, how it is grouped, how often it checkpoints, the evaluation batch size.
 NOT_IDENTITY = ("hydra", "output_dir", "tracking", "force", "device", "stage", "experiment_name",
-                "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every", "data.empty_texts")
+                "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every", "data.empty_texts", "chain")
 
 
 def config_hash(data: dict, length: int) -> str:
@@ -113,6 +113,9 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
+        if not config.get("chain", {}).get("wait", True):
+            print(f"Submitted; the jobs run after their dependencies. Their folders: {sweep}")
+            return
         pointers = sorted(sweep.glob(f"*/{POINTER}"))
         results = [json.loads(p.read_text())["results"] for p in pointers]
         results = [r for r in results if r and Path(r).is_file()]

@@ -105,22 +105,29 @@ def format_table(frame, metric: str) -> str:
 
 
 # -- which runs an experiment declares -------------------------------------------------------
-def sweep_configs(experiment: str, overrides: list[str]) -> list[tuple[dict, DictConfig]]:
-    """(choices, composed config) of every job of ``experiment``'s sweep."""
+def sweep_params(experiment: str, overrides: list[str]) -> dict[str, list[str]]:
+    """The sweep parameters of ``experiment`` (name -> values)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        base = [f"experiment={experiment}", *overrides]
-        cfg = compose(config_name="config", overrides=base, return_hydra_config=True)
-        params = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
-        jobs = []
-        for values in itertools.product(*params.values()):
-            choice = dict(zip(params, values))
-            jobs.append((choice, compose(config_name="config",
-                                         overrides=[*base, *(f"{k}={v}" for k, v in choice.items())])))
-    return jobs
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *overrides],
+                      return_hydra_config=True)
+    return {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
+
+
+def sweep_configs(experiment: str, overrides: list[str]) -> list[tuple[dict, DictConfig]]:
+    """(choices, composed config) of every job of ``experiment``'s sweep."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    params = sweep_params(experiment, overrides)
+    GlobalHydra.instance().clear()
+    base = [f"experiment={experiment}", *overrides]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return [(choice, compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())]))
+                for choice in (dict(zip(params, values)) for values in itertools.product(*params.values()))]
 
 
 def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:

@@ -118,3 +118,27 @@ def test_two_jobs_sharing_one_translation_cache_write_each_record_once(tmp_path)
     (cache,) = tmp_path.glob("translations/demo/train/en-x-dma/*.jsonl")
     ids = [json.loads(line)["id"] for line in cache.read_text().splitlines()]
     assert len(ids) == 48 and len(set(ids)) == 48
+
+
+def test_a_chained_three_stage_sweep_starts_stage2_after_its_inputs(tmp_path):
+    """python -m flare_exp.sweep --launcher slurm: translation, stage 1 and stage 2 submitted at
+    once as three arrays; stage 2 waits through SLURM (afterok) and starts after both finished
+    (a stage-2 job started earlier would fail at once: its inputs would be missing)."""
+    overrides = [a for a in LAUNCH if a not in ("-m", "hydra/launcher=slurm", "mt=gold")]
+    done = subprocess.run([sys.executable, "-m", "flare_exp.sweep", "experiment=demo", "--launcher", "slurm", "--wait",
+                           *overrides, "mt=fake", "hydra.sweeper.params.method='lora,flare'", "data.max_train=48",
+                           "train.epochs=1", "stage1.epochs=3", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("== ")] == [
+        "== translate", "== stage1", "== stage2"]
+    (chain,) = tmp_path.glob("chains/demo-*")
+    assert {p.name for p in chain.iterdir()} == {"translate.ids", "stage1.ids", "stage2.ids"}
+    (stage1,) = tmp_path.glob("stage1/demo/tiny-bert/*/stage1.json")
+    caches = list(tmp_path.glob("translations/demo/*/*/*.jsonl"))
+    results = sorted(tmp_path.glob("runs/demo/tiny-bert/fake/*/dma/seed100-*/results.json"))
+    assert sorted(p.parts[-4] for p in results) == ["flare", "lora"] and len(caches) == 3
+    inputs_done = max([stage1.stat().st_mtime, *(c.stat().st_mtime for c in caches)])
+    for path in results:
+        assert json.loads(path.read_text())["timing"]["started_at"] >= inputs_done, path
+    assert not list(tmp_path.glob("sweeps/*/*/FAILED"))

@@ -6,6 +6,10 @@ requeues after a pre-emption or timeout is no failure: the launcher goes on wait
 
 It overrides the launcher's own ``launch`` (submission as hydra-submitit-launcher does it, then
 its own collection of results) and touches nothing inside submitit.
+
+Chained stages (``python -m flare_exp.sweep``): ``chain.after`` names the job-id files of the
+sweeps this one waits for (SLURM ``--dependency=afterok``: no job holds a GPU while it waits),
+``chain.ids_file`` where this sweep's job ids go, and ``chain.wait: false`` submits and returns.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ class TolerantSlurmLauncher(SlurmLauncher):
         queue = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in queue else f"{self._EXECUTOR}_{k}": v
                                       for k, v in self.params.items() if k not in init_keys})
+        chain = self.config.get("chain") or {}
+        after = [i for path in chain.get("after") or [] for i in Path(path).read_text().split()]
+        if after:  # start only once every job of the earlier stages has finished successfully
+            extra = dict(self.params.get("additional_parameters") or {})
+            executor.update_parameters(slurm_additional_parameters={**extra, "dependency": "afterok:" + ":".join(after)})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
@@ -41,11 +50,27 @@ class TolerantSlurmLauncher(SlurmLauncher):
         for number, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
             params.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
-        return executor.map_array(self, *zip(*params))
+        jobs = executor.map_array(self, *zip(*params))
+        if chain.get("ids_file"):
+            ids = Path(chain["ids_file"])
+            ids.parent.mkdir(parents=True, exist_ok=True)
+            ids.write_text(" ".join(sorted({job.job_id.split("_")[0] for job in jobs})) + "\n")
+        log.info(f"Submitted SLURM job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} jobs)"
+                 + (f", after {' '.join(after)}" if after else ""))
+        return jobs
 
     def launch(self, job_overrides, initial_job_idx):
         jobs = self.submit(job_overrides, initial_job_idx)
+        if not (self.config.get("chain") or {}).get("wait", True):
+            return [self.submitted(job) for job in jobs]
         return [self.result(job) for job in jobs]
+
+    @staticmethod
+    def submitted(job) -> JobReturn:
+        """The return of a job submitted and not waited for (its results come later)."""
+        returned = JobReturn(overrides=list(job.submission().args[0]), status=JobStatus.COMPLETED)
+        returned._return_value = None
+        return returned
 
     def result(self, job) -> JobReturn:
         """The job's return, or for a job that died without one a FAILED marker in its folder and

@@ -1,0 +1,76 @@
+"""An experiment's sweep as dependent stages: translation, stage 1, then stage 2 and evaluation.
+
+    python -m flare_exp.sweep experiment=paper_xnli                       # here, the stages in order
+    python -m flare_exp.sweep experiment=paper_xnli --launcher slurm      # three chained job arrays
+    python -m flare_exp.sweep experiment=paper_xnli --launcher slurm --wait   # ... and wait for the last
+
+Each stage is one multirun of ``run.py`` over the parameters it depends on (translation: task x
+language x MT system; stage 1: task x model x seed; stage 2: the whole sweep); a parameter a stage
+does not depend on is pinned to its first value. Under SLURM every array is submitted at once and
+the later ones wait through ``--dependency=afterok`` (stage 2 after translation and stage 1; stage 1
+needs no translation), so no job holds a GPU while it waits. Stage-2 jobs (``stage=stage2``) fail at
+once, naming the stage to run, where an input is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .methods import method_for
+from .tables import sweep_configs, sweep_params
+
+ROOT = Path(__file__).resolve().parent.parent
+# The sweep parameters each stage depends on (the others are pinned to their first value).
+DEPENDS = {"translate": {"task", "lang", "mt", "data.dir"}, "stage1": {"task", "model", "seed", "data.dir"}}
+
+
+def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: bool, ids: Path) -> list[tuple]:
+    """(stage, run.py arguments) of each stage of ``experiment``, in order."""
+    jobs, params = sweep_configs(experiment, overrides), sweep_params(experiment, overrides)
+    translates = any(cfg.mt.name != "gold" and (method_for(cfg.method).trains or method_for(cfg.method).reads_english_test)
+                     for _, cfg in jobs)
+    base = [str(ROOT / "run.py"), "-m", f"experiment={experiment}", f"hydra/launcher={launcher}", *overrides]
+    slurm = launcher == "slurm"
+    stages, after = [], []
+    for stage in (["translate"] if translates else []) + ["stage1", "stage2"]:
+        pinned = [f"hydra.sweeper.params.{k}={values[0]}" for k, values in params.items()
+                  if stage in DEPENDS and k not in DEPENDS[stage]]
+        chain = []
+        if slurm:
+            chain = [f"chain.ids_file={ids / f'{stage}.ids'}",
+                     f"chain.wait={str(wait and stage == 'stage2').lower()}"]
+            if stage == "stage2":
+                chain.append(f"chain.after=[{','.join(str(ids / f'{s}.ids') for s, _ in stages)}]")
+        folder = f"hydra.sweep.dir=${{output_dir}}/sweeps/{ids.name}-{stage}"  # one folder a stage
+        stages.append((stage, [*base, f"stage={stage}", folder, *pinned, *chain]))
+    return stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides")
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    parser.add_argument("--wait", action="store_true", help="SLURM: wait for the stage-2 array and print its summary")
+    args = parser.parse_args(argv)
+    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
+    if len(experiments) != 1:
+        raise SystemExit("error: name exactly one experiment=<name>.")
+    rest = [o for o in args.overrides if not o.startswith("experiment=")]
+    output = next((o.split("=", 1)[1] for o in rest if o.startswith("output_dir=")), "outputs")
+    ids = Path(output).resolve() / "chains" / f"{experiments[0]}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    for stage, command in stage_commands(experiments[0], rest, args.launcher, args.wait, ids):
+        print(f"== {stage}: run.py {' '.join(command[2:])}", flush=True)
+        done = subprocess.run([sys.executable, *command])
+        if done.returncode:
+            print(f"The {stage} sweep failed (exit status {done.returncode}); later stages not started.",
+                  file=sys.stderr)
+            return done.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
