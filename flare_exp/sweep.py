@@ -30,7 +30,8 @@ DEPENDS = {"translate": {"task", "lang", "mt", "data.dir"}, "stage1": {"task", "
 
 def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: bool, ids: Path) -> list[tuple]:
     """(stage, run.py arguments) of each stage of ``experiment``, in order."""
-    jobs, params = sweep_configs(experiment, overrides), sweep_params(experiment, overrides)
+    composed = [f"hydra/launcher={launcher}", *overrides]  # hydra.launcher.* overrides need their launcher
+    jobs, params = sweep_configs(experiment, composed), sweep_params(experiment, composed)
     translates = any(cfg.mt.name != "gold" and (method_for(cfg.method).trains or method_for(cfg.method).reads_english_test)
                      for _, cfg in jobs)
     base = [str(ROOT / "run.py"), "-m", f"experiment={experiment}", f"hydra/launcher={launcher}", *overrides]
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides")
     parser.add_argument("--launcher", choices=["local", "slurm"], default="local")
     parser.add_argument("--wait", action="store_true", help="SLURM: wait for the stage-2 array and print its summary")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
     if len(experiments) != 1:
         raise SystemExit("error: name exactly one experiment=<name>.")
