@@ -29,7 +29,7 @@ from .pairs import (LazyTranslator, back_translate_answers, check_data, examples
 from .results import (POINTER, config_hash, git_commit, run_dir, run_identity, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
 from .stage1 import ensure_stage1, load_stage1, stage1_dir
-from .train import Checkpoint, Validation, train_model
+from .train import Checkpoint, Validation, copy_into, train_model
 from .translate import build_tiny_nllb, nllb_code, translation_quality
 
 
@@ -208,6 +208,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
         test, english_test = test_pairs(cfg, translator, english=method.reads_english_test)
         if rank:
             return None
+        if method.trains and cfg.train.get("save_adapter", True):
+            save_adapter(model, out)
         rows, metrics, extra_metrics = _test(cfg, method, model, batcher, test, english_test, translator, out, device)
         stage1_info = json.loads((stage1_path / "stage1.json").read_text())
         result = {
@@ -273,6 +275,31 @@ def _finished(out: Path, identity: dict, force: bool) -> dict | None:
         raise ConfigError(f"{out} holds a run of other settings: move it away, or rerun it with force=true.")
     print(f"[skipped: finished earlier with these settings, force=true reruns it] {summary_line(result)}")
     return result
+
+
+ADAPTER = "adapter.safetensors"
+
+
+def save_adapter(model, out: Path) -> None:
+    """The trained stage 2 (every trainable parameter, the selected step's) as safetensors in the
+    run directory, so that it can be evaluated again without retraining."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".{ADAPTER}.writing"
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}, str(staging))
+    staging.replace(out / ADAPTER)
+
+
+def load_adapter(model, out: Path) -> None:
+    """Put a run's saved stage 2 into ``model`` (the same method built on the same stage 1)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / ADAPTER))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise ValueError(f"{out / ADAPTER} does not hold this method's trainable parameters.")
+    copy_into(model, weights)
 
 
 def _write(out: Path, cfg: DictConfig, rows: list[dict], result: dict) -> None:

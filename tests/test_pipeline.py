@@ -324,3 +324,32 @@ def test_wandb_gets_every_step_validation_and_stage1_scores_grouped_and_tagged(t
     assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True) and rates[-1] < rates[0]
     assert sum("validation/score" in v for _, v in steps) >= 2 and "validation/score" in steps[-1][1]
     assert any("test/accuracy" in v for _, v in wb.logged) and "stage1_english/accuracy" in wb.summary
+
+
+@pytest.mark.parametrize("method", ["flare", "input_fusion"])
+def test_the_saved_stage2_adapter_reproduces_the_runs_predictions(tmp_path, method):
+    """A run saves its trained stage 2; the same method rebuilt on the cached stage 1 with that
+    adapter predicts exactly what the run predicted (re-evaluation without retraining)."""
+    import torch
+
+    from flare_exp.evaluate import predict
+    from flare_exp.methods import method_for
+    from flare_exp.models import load_tokenizer
+    from flare_exp.pairs import test_pairs
+    from flare_exp.pipeline import load_adapter, make_batcher
+    from flare_exp.stage1 import load_stage1, stage1_dir
+
+    cfg = make_cfg(["model=tiny-bert", "lang=dma", f"method={method}", *SMALL], tmp_path)
+    run(cfg)
+    out = run_path(tmp_path, f"runs/demo/tiny-bert/gold/{method}/dma/seed100")
+    expected = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(cfg.model, tmp_path / "cache")
+    chosen = method_for(cfg.method)
+    model = chosen.build(cfg, load_stage1(cfg, stage1_dir(cfg), tokenizer, torch.device("cpu")))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    load_adapter(model, out)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    test, english = test_pairs(cfg, None, english=chosen.reads_english_test)
+    inputs, source = chosen.inputs(test, english, list(cfg.task.fields), False)
+    rows = predict(model, make_batcher(cfg, tokenizer), inputs, source, 32, "cpu", cfg.task.max_new_tokens, "again")
+    assert [r["prediction"] for r in rows] == expected
