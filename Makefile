@@ -14,7 +14,7 @@ GPU_OUT ?= outputs/gpu-check
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run example nusax-cpu table-nusax-cpu wandb-sync test test-slurm test-slow bench bench-flare gpu-wheels gpu-check clean
+.PHONY: help install run example nusax-cpu table-nusax-cpu nusax-cpu-sensitivity table-nusax-cpu-sensitivity wandb-sync test test-slurm test-slow bench bench-flare gpu-wheels gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ nusax-cpu: $(STAMP) ## The NusaX CPU study (MiniLM, mt=gold, 3 seeds) on DATA_DI
 
 table-nusax-cpu: $(STAMP) ## Tables and plots of the NusaX CPU study (finished runs only)
 	$(OFFLINE) $(PY) -m flare_exp.tables experiment=nusax_cpu data.dir=$(DATA_DIR)
+
+nusax-cpu-sensitivity: $(STAMP) ## The NusaX CPU study's runs evaluated again with other test-time English
+	$(OFFLINE) $(PY) run.py experiment=nusax_cpu_sensitivity data.dir=$(DATA_DIR)
+
+table-nusax-cpu-sensitivity: $(STAMP) ## The sensitivity table and plot (finished evaluations only)
+	$(OFFLINE) $(PY) -m flare_exp.sensitivity experiment=nusax_cpu_sensitivity data.dir=$(DATA_DIR)
 
 paper-%: $(STAMP) ## Run a paper table's sweep as dependent stages: paper-xnli|tydiqa|nusax [LAUNCHER=local|slurm]
 	$(PY) -m flare_exp.sweep experiment=paper_$* --launcher $(LAUNCHER)

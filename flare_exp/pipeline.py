@@ -28,6 +28,7 @@ from .pairs import (LazyTranslator, back_translate_answers, check_data, examples
                     training_pairs)
 from .results import (POINTER, config_hash, git_commit, run_dir, run_identity, summary_line, tracker,
                       write_json_atomic, write_lines_atomic)
+from .sources import english_source
 from .stage1 import ensure_stage1, load_stage1, stage1_dir
 from .train import Checkpoint, Validation, copy_into, train_model
 from .translate import build_tiny_nllb, nllb_code, translation_quality
@@ -41,7 +42,7 @@ class InputsMissing(ConfigError):
     """A stage-2 job whose stage 1 or translations are not there yet."""
 
 
-STAGES = ("run", "translate", "stage1", "stage2")
+STAGES = ("run", "translate", "stage1", "stage2", "evaluate")
 
 
 def _choices(group: str) -> list[str]:
@@ -59,6 +60,11 @@ def validate(cfg: DictConfig) -> None:
         method.check(cfg)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.source.mode != "as_trained" and cfg.stage != "evaluate":
+        raise ConfigError(f"source.mode={cfg.source.mode} re-evaluates a finished run: add stage=evaluate.")
+    if cfg.stage == "evaluate" and not method.reads_english_test:
+        raise ConfigError(f"Method {method.name} reads no English at test: stage=evaluate with another source "
+                          "applies to flare, input_fusion, xmixup and translate_test.")
     if lang.code not in task.languages:
         raise ConfigError(f"Task {task.name} has no language {lang.code!r}; choose lang from {list(task.languages)}.")
     if task.type not in ("classification", "qa"):
@@ -128,6 +134,45 @@ def stage1_stage(cfg: DictConfig) -> dict:
     return report
 
 
+def source_label(cfg: DictConfig) -> str:
+    source = cfg.source
+    return source.mode + (f"-{source.rate:g}" if source.mode == "noised" else "") + (
+        f"-seed{source.seed}" if source.mode in ("noised", "mismatched") else "")
+
+
+def evaluate_stage(cfg: DictConfig) -> dict:
+    """``stage=evaluate``: a finished run's saved stage 2 (or its stage 1, for translate-test) on
+    the test set with the English of ``source``, written into ``<run>/sources/<setting>/``."""
+    method, out = method_for(cfg.method), run_dir(cfg)
+    if not (out / "results.json").is_file():
+        raise InputsMissing(f"No finished run in {out}: run it first (the same overrides without stage=evaluate).")
+    if method.trains and not (out / ADAPTER).is_file():
+        raise InputsMissing(f"{out} holds no saved stage 2 ({ADAPTER}; it finished before runs saved one): "
+                            "rerun it with force=true.")
+    device = pick_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model, Path(cfg.output_dir) / "cache")
+    translator = LazyTranslator(cfg, device) if cfg.mt.name != "gold" else None
+    model = load_stage1(cfg, stage1_dir(cfg), tokenizer, device)
+    mt = _mt_encoder(cfg, method, device) if method.needs_mt_encoder else None
+    batcher = make_batcher(cfg, tokenizer, mt_tokenizer=mt[1] if mt else None)
+    if method.trains:
+        model = method.build(cfg, model, (mt[0], mt[2]) if mt else None)
+        load_adapter(model, out)
+    fields = list(cfg.task.fields)
+    test, clean = test_pairs(cfg, translator)
+    english = english_source(clean, test, fields, cfg.source.mode, float(cfg.source.rate), int(cfg.source.seed))
+    folder = out / "sources" / source_label(cfg)
+    rows, metrics, extra = _test(cfg, method, model, batcher, test, english, translator, folder, device)
+    result = {**json.loads((out / "results.json").read_text()), "metrics": metrics, **extra,
+              "source": {**OmegaConf.to_container(cfg.source), "label": source_label(cfg),
+                         "quality_to_trained_english": {f: translation_quality([e[f] for e in english],
+                                                                               [c[f] for c in clean]) for f in fields}},
+              "evaluated_from": str(out), "git_commit": git_commit()}
+    _write(folder, cfg, rows, result)
+    print(f"{summary_line(result)} [source {source_label(cfg)}]")
+    return result
+
+
 def require_inputs(cfg: DictConfig, method) -> None:
     """``stage=stage2``: the cached stage 1 and every translation the run reads must be there;
     otherwise it fails at once (before any model loads), naming the stage to run."""
@@ -174,6 +219,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
         return translate_stage(cfg)
     if cfg.stage == "stage1":
         return stage1_stage(cfg)
+    if cfg.stage == "evaluate":
+        return evaluate_stage(cfg)
     out, identity = run_dir(cfg), run_identity(cfg)
     if job_dir is not None:
         write_json_atomic(job_dir / POINTER, {"results": str(out / "results.json")})

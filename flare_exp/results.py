@@ -43,9 +43,10 @@ def write_lines_atomic(path: Path, rows: list[dict]) -> None:
 
 # Config entries that cannot change a run's result: where it is written, how it is tracked, where
 # it runs, how it is grouped, how often it checkpoints, the evaluation batch size, what else it
-# saves, how empty texts are reported, how stage sweeps are chained.
+# saves, how empty texts are reported, how stage sweeps are chained; the English a re-evaluation
+# reads (stage=evaluate writes beside the run it evaluates, in sources/).
 NOT_IDENTITY = ("hydra", "output_dir", "tracking", "force", "device", "stage", "experiment_name",
-                "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every", "data.empty_texts", "chain", "train.save_adapter")
+                "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every", "data.empty_texts", "chain", "train.save_adapter", "source")
 
 
 def config_hash(data: dict, length: int) -> str:

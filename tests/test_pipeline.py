@@ -18,7 +18,7 @@ from flare_exp.results import run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-GROUPS = ["model", "task", "method", "lang", "mt", "train", "tracking"]
+GROUPS = ["model", "task", "method", "lang", "mt", "train", "tracking", "source"]
 SMALL = ["task=demo", "mt=gold", "data.max_train=48", "data.max_test=24", "train.epochs=1",
          "train.batch_size=16", "train.lr=1e-3", "train.eval_batch_size=32", "data.max_validation=24", "stage1.epochs=1",
          "stage1.batch_size=16", "stage1.lr=1e-3"]

@@ -1,0 +1,122 @@
+"""The sensitivity table: each method's score under each test-time English source, beside the
+chrF of that English against the English the runs were trained with, and LoRA (which reads no
+English) as the constant baseline.
+
+    python -m flare_exp.sensitivity experiment=nusax_cpu_sensitivity data.dir=...   (make table-nusax-cpu-sensitivity)
+
+Reads ``<run>/sources/<setting>/results.json`` (``stage=evaluate``) of every job of the
+experiment and the LoRA runs of the experiment it evaluates; writes ``sensitivity.{md,csv}`` and
+``sensitivity.png`` under ``outputs/tables/<experiment>/`` and lists what has not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import open_dict
+
+from .pipeline import source_label
+from .results import run_dir
+from .tables import method_order, sweep_configs
+
+
+def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+    """(one row per finished evaluation, and one per LoRA run of the same languages and seeds;
+    the choices of the evaluations not run yet)."""
+    rows, missing, baselines = [], [], set()
+    for choice, cfg in sweep_configs(experiment, overrides):
+        path = run_dir(cfg) / "sources" / source_label(cfg) / "results.json"
+        if not path.is_file():
+            missing.append(choice)
+            continue
+        result = json.loads(path.read_text())
+        metric = result["headline_metric"]
+        quality = result["source"]["quality_to_trained_english"]
+        rows.append({"method": result["method"], "lang": result["lang"], "seed": result["seed"],
+                     "source": source_label(cfg), "score": 100 * result["metrics"][metric], "metric": metric,
+                     "chrf": sum(q["chrf"] for q in quality.values()) / len(quality)})
+        lora = cfg.copy()
+        with open_dict(lora):
+            lora.method = {"name": "lora"}
+        baselines.add(run_dir(lora) / "results.json")
+    for path in sorted(baselines):
+        if path.is_file():
+            result = json.loads(path.read_text())
+            rows.append({"method": "lora", "lang": result["lang"], "seed": result["seed"], "source": "(none)",
+                         "score": 100 * result["metrics"][result["headline_metric"]],
+                         "metric": result["headline_metric"], "chrf": float("nan")})
+    return pd.DataFrame(rows), missing
+
+
+def table(frame: pd.DataFrame) -> str:
+    """Methods x sources: the mean score over languages and seeds (runs), and the English's chrF."""
+    order = list(dict.fromkeys(["as_trained", *sorted(s for s in frame["source"] if s.startswith("noised")),
+                                "mismatched", "target", "empty", "(none)"]))
+    sources = [s for s in order if s in set(frame["source"])]
+    scores = frame.pivot_table(index="method", columns="source", values="score", aggfunc="mean")
+    runs = frame.pivot_table(index="method", columns="source", values="score", aggfunc="count")
+    chrf = frame[frame["method"] != "lora"].groupby("source")["chrf"].mean()
+    lines = ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for method in method_order(scores.index):
+        cells = [f"{scores.loc[method, s]:.2f} ({int(runs.loc[method, s])})" if s in scores and
+                 not pd.isna(scores.loc[method, s]) else "–" for s in sources]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("| chrF of the English | " + " | ".join(f"{chrf[s]:.1f}" if s in chrf else "–" for s in sources) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(frame: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = frame[frame["method"] != "lora"].groupby(["method", "source"])[["score", "chrf"]].mean().reset_index()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, part in means.groupby("method"):
+        part = part.sort_values("chrf")
+        ax.plot(part["chrf"], part["score"], marker="o", label=method)
+        for _, row in part.iterrows():
+            ax.annotate(row["source"], (row["chrf"], row["score"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    lora = frame[frame["method"] == "lora"]["score"]
+    if len(lora):
+        ax.axhline(lora.mean(), color="grey", linestyle="--", label="lora (no English)")
+    ax.set_xlabel("chrF of the test-time English against the trained-with English")
+    ax.set_ylabel(f"{frame['metric'].iloc[0]} (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides (data.dir=...)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/tables"))
+    args = parser.parse_args(argv)
+    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
+    if len(experiments) != 1:
+        raise SystemExit("error: name exactly one experiment=<name>.")
+    frame, missing = collect(experiments[0], [o for o in args.overrides if not o.startswith("experiment=")])
+    folder = args.out / experiments[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    if missing:
+        print(f"{len(missing)} evaluations have not run (this command runs nothing); first: "
+              + " ".join(f"{k}={v}" for k, v in missing[0].items()))
+        (folder / "missing.json").write_text(json.dumps(missing, indent=1) + "\n")
+    if frame.empty:
+        return
+    frame.to_csv(folder / "sensitivity.csv", index=False)
+    markdown = table(frame)
+    (folder / "sensitivity.md").write_text(markdown)
+    plot(frame, folder / "sensitivity.png")
+    print(f"{experiments[0]}: mean over languages and seeds (runs in brackets); written to {folder}\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Evaluation-time English sources change exactly the English, as asked."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+
+from flare_exp.sources import derangement, english_source, noise_text
+
+TARGETS = [{"id": f"t{i}", "text": f"kata {i} iki", "label": "positive"} for i in range(50)]
+ENGLISH = [{"id": f"t{i}", "text": f"this is sentence number {i} of the test", "label": "positive"} for i in range(50)]
+
+
+@pytest.mark.parametrize("mode", ["as_trained", "noised", "mismatched", "target", "empty"])
+def test_only_the_english_changes(mode):
+    targets, english = copy.deepcopy(TARGETS), copy.deepcopy(ENGLISH)
+    out = english_source(english, targets, ["text"], mode, rate=0.3, seed=1)
+    assert targets == TARGETS and english == ENGLISH  # inputs untouched
+    assert [ex["id"] for ex in out] == [ex["id"] for ex in ENGLISH] and all(ex["label"] == "positive" for ex in out)
+    texts = [ex["text"] for ex in out]
+    if mode == "as_trained":
+        assert texts == [ex["text"] for ex in ENGLISH]
+    elif mode == "target":
+        assert texts == [ex["text"] for ex in TARGETS]
+    elif mode == "empty":
+        assert set(texts) == {""}
+    elif mode == "mismatched":
+        assert sorted(texts) == sorted(ex["text"] for ex in ENGLISH)
+        assert all(t != ex["text"] for t, ex in zip(texts, ENGLISH))
+    else:
+        assert texts != [ex["text"] for ex in ENGLISH]
+        assert out == english_source(ENGLISH, TARGETS, ["text"], mode, rate=0.3, seed=1)  # seeded
+        assert out != english_source(ENGLISH, TARGETS, ["text"], mode, rate=0.3, seed=2)
+
+
+@pytest.mark.parametrize("n,seed", [(2, 0), (7, 3), (1000, 5)])
+def test_the_mismatch_is_a_seeded_derangement(n, seed):
+    order = derangement(n, seed)
+    assert sorted(order) == list(range(n)) and all(i != j for i, j in enumerate(order))
+    assert order == derangement(n, seed)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.2, 0.5])
+def test_noise_is_applied_at_the_requested_rate(rate):
+    words = [f"w{i}" for i in range(20000)]
+    counts = {}
+    noised = noise_text(" ".join(words), rate, random.Random(0), words, counts)
+    assert counts["words"] == 20000 and abs(counts["noised"] / 20000 - rate) < 0.015
+    kept = sum(a == b for a, b in zip(noised.split(), words))  # position by position, until a drop shifts it
+    assert noised != " ".join(words) and kept < 20000
+
+
+def test_unknown_modes_and_rates_are_refused():
+    with pytest.raises(ValueError, match="Unknown source mode"):
+        english_source(ENGLISH, TARGETS, ["text"], "shuffled")
+    with pytest.raises(ValueError, match="source.rate"):
+        english_source(ENGLISH, TARGETS, ["text"], "noised", rate=0.0)
+
+
+def test_a_finished_run_is_re_evaluated_with_each_source_beside_it(tmp_path):
+    import json
+
+    from flare_exp.pipeline import ConfigError, InputsMissing, run
+    from test_pipeline import SMALL, make_cfg, run_path
+
+    base = ["model=tiny-bert", "lang=dma", "method=flare", *SMALL]
+    with pytest.raises(InputsMissing, match="No finished run"):
+        run(make_cfg([*base, "stage=evaluate"], tmp_path))
+    trained = run(make_cfg(base, tmp_path))
+    out = run_path(tmp_path, "runs/demo/tiny-bert/gold/flare/dma/seed100")
+    again = run(make_cfg([*base, "stage=evaluate"], tmp_path))
+    assert again["metrics"] == trained["metrics"]  # the saved adapter, the same English: the same scores
+    assert (out / "sources/as_trained/predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+    assert again["source"]["quality_to_trained_english"]["text"]["chrf"] == pytest.approx(100.0)
+    noised = run(make_cfg([*base, "stage=evaluate", "source.mode=noised", "source.rate=0.3"], tmp_path))
+    assert (out / "sources/noised-0.3-seed0/results.json").is_file()
+    assert noised["source"]["quality_to_trained_english"]["text"]["chrf"] < 90
+    empty = run(make_cfg([*base, "stage=evaluate", "source.mode=empty"], tmp_path))
+    assert json.loads((out / "results.json").read_text())["metrics"] == trained["metrics"]  # the run's own untouched
+    assert empty["source"]["label"] == "empty"
+    with pytest.raises(ConfigError, match="reads no English at test"):
+        run(make_cfg(["model=tiny-bert", "lang=dma", "method=lora", *SMALL, "stage=evaluate"], tmp_path))
+    with pytest.raises(ConfigError, match="add stage=evaluate"):
+        run(make_cfg([*base, "source.mode=empty"], tmp_path))
+
+
+def test_the_sensitivity_table_reads_the_evaluations_and_the_lora_baseline(tmp_path):
+    from flare_exp.pipeline import run
+    from flare_exp.sensitivity import collect, table
+    from test_pipeline import SMALL, make_cfg
+
+    small = ["model=tiny-bert", "lang=dmb", *SMALL]
+    for method in ("flare", "lora"):
+        run(make_cfg(["experiment=demo", f"method={method}", *small], tmp_path))
+    for source in ("as_trained", "empty"):
+        run(make_cfg(["experiment=demo", "method=flare", "stage=evaluate", f"source={source}", *small], tmp_path))
+    sweep = [*small, f"output_dir={tmp_path}", "stage=evaluate", "hydra.sweeper.params.method=flare",
+             "+hydra.sweeper.params.source='as_trained,empty,target'"]
+    frame, missing = collect("demo", sweep)
+    assert missing == [{"method": "flare", "source": "target"}]
+    assert sorted(frame["source"]) == ["(none)", "as_trained", "empty"]
+    assert frame.set_index("source").loc["(none)", "method"] == "lora"
+    markdown = table(frame)
+    assert "| flare |" in markdown and "| lora |" in markdown and "| chrF of the English | 100.0 | 0.0 | – |" in markdown
