@@ -25,7 +25,7 @@ from .methods import method_for
 from .pairs import LazyTranslator, _cache
 from .results import run_dir
 from .stage1 import stage1_dir
-from .tables import sweep_configs
+from .tables import split_experiment, sweep_configs
 
 THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
 # English training, validation and per-language test sizes of the paper's tasks (their dataset
@@ -123,11 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides")
     args = parser.parse_args(argv)
-    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
-    if len(experiments) != 1:
-        raise SystemExit("error: name exactly one experiment=<name>.")
-    rest = [o for o in args.overrides if not o.startswith("experiment=")]
-    print(format_plan(experiments[0], plan(experiments[0], rest)))
+    experiment, rest = split_experiment(args.overrides)
+    print(format_plan(experiment, plan(experiment, rest)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from omegaconf import open_dict
 
 from .pipeline import source_label
 from .results import run_dir
-from .tables import method_order, sweep_configs
+from .tables import method_order, split_experiment, sweep_configs
 
 
 def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[dict]]:
@@ -98,11 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides (data.dir=...)")
     parser.add_argument("--out", type=Path, default=Path("outputs/tables"))
     args = parser.parse_args(argv)
-    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
-    if len(experiments) != 1:
-        raise SystemExit("error: name exactly one experiment=<name>.")
-    frame, missing = collect(experiments[0], [o for o in args.overrides if not o.startswith("experiment=")])
-    folder = args.out / experiments[0]
+    experiment, rest = split_experiment(args.overrides)
+    frame, missing = collect(experiment, rest)
+    folder = args.out / experiment
     folder.mkdir(parents=True, exist_ok=True)
     if missing:
         print(f"{len(missing)} evaluations have not run (this command runs nothing); first: "
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = table(frame)
     (folder / "sensitivity.md").write_text(markdown)
     plot(frame, folder / "sensitivity.png")
-    print(f"{experiments[0]}: mean over languages and seeds (runs in brackets); written to {folder}\n")
+    print(f"{experiment}: mean over languages and seeds (runs in brackets); written to {folder}\n")
     print(markdown)
 
 

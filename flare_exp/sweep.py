@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .methods import method_for
-from .tables import sweep_configs, sweep_params
+from .tables import split_experiment, sweep_configs, sweep_params
 
 ROOT = Path(__file__).resolve().parent.parent
 # The sweep parameters each stage depends on (the others are pinned to their first value).
@@ -36,7 +36,7 @@ def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: b
                      for _, cfg in jobs)
     base = [str(ROOT / "run.py"), "-m", f"experiment={experiment}", f"hydra/launcher={launcher}", *overrides]
     slurm = launcher == "slurm"
-    stages, after = [], []
+    stages = []
     for stage in (["translate"] if translates else []) + ["stage1", "stage2"]:
         pinned = [f"hydra.sweeper.params.{k}={values[0]}" for k, values in params.items()
                   if stage in DEPENDS and k not in DEPENDS[stage]]
@@ -57,13 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=["local", "slurm"], default="local")
     parser.add_argument("--wait", action="store_true", help="SLURM: wait for the stage-2 array and print its summary")
     args = parser.parse_intermixed_args(argv)
-    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
-    if len(experiments) != 1:
-        raise SystemExit("error: name exactly one experiment=<name>.")
-    rest = [o for o in args.overrides if not o.startswith("experiment=")]
+    experiment, rest = split_experiment(args.overrides)
     output = next((o.split("=", 1)[1] for o in rest if o.startswith("output_dir=")), "outputs")
-    ids = Path(output).resolve() / "chains" / f"{experiments[0]}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    for stage, command in stage_commands(experiments[0], rest, args.launcher, args.wait, ids):
+    ids = Path(output).resolve() / "chains" / f"{experiment}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    for stage, command in stage_commands(experiment, rest, args.launcher, args.wait, ids):
         print(f"== {stage}: run.py {' '.join(command[2:])}", flush=True)
         done = subprocess.run([sys.executable, *command])
         if done.returncode:

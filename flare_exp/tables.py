@@ -105,6 +105,14 @@ def format_table(frame, metric: str) -> str:
 
 
 # -- which runs an experiment declares -------------------------------------------------------
+def split_experiment(overrides: list[str]) -> tuple[str, list[str]]:
+    """(the one ``experiment=<name>`` among command-line overrides, the other overrides)."""
+    experiments = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    if len(experiments) != 1:
+        raise SystemExit("error: name exactly one experiment=<name>.")
+    return experiments[0], [o for o in overrides if not o.startswith("experiment=")]
+
+
 def sweep_params(experiment: str, overrides: list[str]) -> dict[str, list[str]]:
     """The sweep parameters of ``experiment`` (name -> values)."""
     from hydra import compose, initialize_config_dir
@@ -375,11 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/tables"))
     parser.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args(argv)
-    experiments = [o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")]
-    if len(experiments) != 1:
-        raise SystemExit("error: name exactly one experiment=<name>.")
-    rest = [o for o in args.overrides if not o.startswith("experiment=")]
-    build(experiments[0], rest, args.out, args.samples)
+    experiment, rest = split_experiment(args.overrides)
+    build(experiment, rest, args.out, args.samples)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ size.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

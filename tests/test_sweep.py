@@ -12,7 +12,7 @@ import pytest
 
 from flare_exp.pipeline import InputsMissing, run
 from flare_exp.sweep import stage_commands
-from test_pipeline import SMALL, make_cfg
+from test_pipeline import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ["mt=fake", "model=tiny-bert", "lang=dma", "data.max_train=48", "data.max_test=24", "data.max_validation=24",
