@@ -53,9 +53,8 @@ def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[d
 
 def table(frame: pd.DataFrame) -> str:
     """Methods x sources: the mean score over languages and seeds (runs), and the English's chrF."""
-    order = list(dict.fromkeys(["as_trained", *sorted(s for s in frame["source"] if s.startswith("noised")),
-                                "mismatched", "target", "empty", "(none)"]))
-    sources = [s for s in order if s in set(frame["source"])]
+    modes = ["as_trained", "noised", "mismatched", "target", "empty", "(none)"]
+    sources = sorted(set(frame["source"]), key=lambda s: (next(i for i, m in enumerate(modes) if s.startswith(m)), s))
     scores = frame.pivot_table(index="method", columns="source", values="score", aggfunc="mean")
     runs = frame.pivot_table(index="method", columns="source", values="score", aggfunc="count")
     chrf = frame[frame["method"] != "lora"].groupby("source")["chrf"].mean()
