@@ -52,26 +52,40 @@ def test_two_job_array_through_the_slurm_launcher(tmp_path):
     assert list(tmp_path.glob("sweeps/*/.submitit/*_1"))  # it really was a job array
 
 
-def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
-    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=zero_shot,flare",
-                            "train.epochs=40", "stage1.epochs=40", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = None
+def _sweep(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """A sweep through the slurm launcher, running in the background (output: stdout)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *LAUNCH, *overrides, f"output_dir={tmp_path}"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _scancel_when(job: subprocess.Popen, pick, *options: str) -> str | None:
+    """While ``job`` runs (10 minutes at most), the first SLURM job that ``pick(running job ids)``
+    names gets ``scancel *options``; its id."""
     deadline = time.time() + 600
-    while killed is None and time.time() < deadline and job.poll() is None:
+    while time.time() < deadline and job.poll() is None:
         time.sleep(1)
         queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
-        running = [line.split()[0] for line in queue.splitlines() if line.endswith("RUNNING")]
-        flare = [j for j in running if j.endswith("_1")]
+        chosen = pick([line.split()[0] for line in queue.splitlines() if line.endswith("RUNNING")])
+        if chosen:
+            subprocess.run(["scancel", *options, chosen], check=True)
+            return chosen
+    return None
+
+
+def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
+    job = _sweep(tmp_path, "method=zero_shot,flare", "train.epochs=40", "stage1.epochs=40")
+
+    def flare_in_stage1(running):
         # Cancel while stage 1 is being trained: the FLARE job then has at least its whole stage 2
         # left, longer than the test cluster's KillWait (2 s; submitit ignores the SIGTERM that
         # scancel sends first), so it dies before it can write a result. If it held the stage-1
         # lock, the zero-shot job takes the lock over and resumes from the stage-1 checkpoint.
+        flare = [j for j in running if j.endswith("_1")]
         stage1_started = any(tmp_path.glob("stage1/*/*/*.lock"))
         stage1_done = any(tmp_path.glob("stage1/*/*/*/stage1.json"))
-        if flare and stage1_started and not stage1_done:
-            killed = flare[0]
-            subprocess.run(["scancel", killed], check=True)
+        return flare[0] if flare and stage1_started and not stage1_done else None
+
+    killed = _scancel_when(job, flare_in_stage1)
     assert killed, "the FLARE job never ran long enough to be killed"
     output, _ = job.communicate(timeout=300)  # bounded: the dead job is seen, not waited on
     assert job.returncode == 1, output[-3000:]
@@ -85,19 +99,14 @@ def test_a_preempted_job_is_requeued_resumes_and_is_not_reported_failed(tmp_path
     """Pre-emption as SLURM announces it (USR2, the launcher's signal): submitit checkpoints the
     job, requeues it (`scontrol requeue`) and ends the running attempt with SystemExit; the job
     runs again, resumes stage 2 from its checkpoint and finishes. No FAILED marker may remain."""
-    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=flare", "train.epochs=30",
-                            "train.checkpoint_every=2", "data.max_train=48", "stage1.epochs=1",
-                            f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    signalled = None
-    deadline = time.time() + 600
-    while signalled is None and time.time() < deadline and job.poll() is None:
-        time.sleep(1)
-        queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
-        running = [line.split()[0] for line in queue.splitlines() if line.endswith("RUNNING")]
-        if running and list(tmp_path.glob("runs/demo/tiny-bert/gold/flare/dma/seed100-*/checkpoint")):
-            signalled = running[0]
-            subprocess.run(["scancel", "--signal=USR2", signalled], check=True)
+    job = _sweep(tmp_path, "method=flare", "train.epochs=30", "train.checkpoint_every=2", "data.max_train=48",
+                 "stage1.epochs=1")
+
+    def checkpointed(running):  # stage 2 has written a checkpoint to resume from
+        ready = list(tmp_path.glob("runs/demo/tiny-bert/gold/flare/dma/seed100-*/checkpoint"))
+        return running[0] if running and ready else None
+
+    signalled = _scancel_when(job, checkpointed, "--signal=USR2")
     assert signalled, "stage 2 never wrote a checkpoint"
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output[-3000:]
