@@ -50,5 +50,6 @@ def main(cfg: DictConfig) -> None:
     # for instance, clears what an earlier attempt left.
     (job_dir / "FAILED").unlink(missing_ok=True)
 
+
 if __name__ == "__main__":
     main()

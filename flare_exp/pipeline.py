@@ -30,7 +30,7 @@ from .results import (POINTER, config_hash, git_commit, run_dir, run_identity, s
                       write_json_atomic, write_lines_atomic)
 from .sources import english_source
 from .stage1 import ensure_stage1, load_stage1, stage1_dir
-from .train import Checkpoint, Validation, copy_into, train_model
+from .train import Checkpoint, Validation, copy_into, train_model, trainable_weights
 from .translate import build_tiny_nllb, nllb_code, translation_quality
 
 
@@ -43,6 +43,7 @@ class InputsMissing(ConfigError):
 
 
 STAGES = ("run", "translate", "stage1", "stage2", "evaluate")
+ADAPTER = "adapter.safetensors"  # a run's trained stage 2, beside its results.json
 
 
 def _choices(group: str) -> list[str]:
@@ -227,14 +228,14 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     finished = _finished(out, identity, cfg.force)
     if finished is not None:
         return finished
-    empty_texts = check_data(cfg, method_for(cfg.method).trains)
+    method = method_for(cfg.method)
+    empty_texts = check_data(cfg, method.trains)
     if cfg.stage == "stage2":
-        require_inputs(cfg, method_for(cfg.method))
+        require_inputs(cfg, method)
 
     started, started_at = time.perf_counter(), time.time()
     _, rank = distributed.setup()
     device = pick_device(cfg.device)
-    method = method_for(cfg.method)
     tokenizer = load_tokenizer(cfg.model, Path(cfg.output_dir) / "cache")
     translator = LazyTranslator(cfg, device) if cfg.mt.name != "gold" else None
     stage1_path = ensure_stage1(cfg, tokenizer, make_batcher(cfg, tokenizer, plain=True), device)
@@ -324,9 +325,6 @@ def _finished(out: Path, identity: dict, force: bool) -> dict | None:
     return result
 
 
-ADAPTER = "adapter.safetensors"
-
-
 def save_adapter(model, out: Path) -> None:
     """The trained stage 2 (every trainable parameter, the selected step's) as safetensors in the
     run directory, so that it can be evaluated again without retraining."""
@@ -334,7 +332,7 @@ def save_adapter(model, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".{ADAPTER}.writing"
-    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}, str(staging))
+    save_file(trainable_weights(model), str(staging))
     staging.replace(out / ADAPTER)
 
 

@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from .pipeline import source_label
 from .results import run_dir
-from .tables import method_order, split_experiment, sweep_configs
+from .tables import CONF, method_order, split_experiment, sweep_configs
 
 
 def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[dict]]:
@@ -40,7 +40,7 @@ def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[d
                      "chrf": sum(q["chrf"] for q in quality.values()) / len(quality)})
         lora = cfg.copy()
         with open_dict(lora):
-            lora.method = {"name": "lora"}
+            lora.method = OmegaConf.load(CONF / "method" / "lora.yaml")
         baselines.add(run_dir(lora) / "results.json")
     for path in sorted(baselines):
         if path.is_file():

@@ -66,6 +66,11 @@ def _epoch_batches(order: list[int], lengths: list[int] | None, size: int, rng: 
     return batches
 
 
+def trainable_weights(model) -> dict:
+    """The model's trainable parameters (name -> a contiguous copy on the CPU)."""
+    return {n: p.detach().contiguous().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def copy_into(model, weights: dict) -> None:
     """Load ``weights`` (name -> tensor) into the model's parameters of those names."""
     params = dict(model.named_parameters())
@@ -109,7 +114,7 @@ class _Selection:
         self.curve.append({"step": step, "score": score})
         if self.validation.select == "best" and (self.best_score is None or score > self.best_score):
             self.best_step, self.best_score = step, score
-            self.best = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.best = trainable_weights(model)
         return score
 
     def state(self) -> dict:
@@ -146,8 +151,7 @@ class Checkpoint:
         staging, previous = self._aside("writing"), self._aside("previous")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(weights, str(staging / "trainable.safetensors"))
+        save_file(trainable_weights(model), str(staging / "trainable.safetensors"))
         if best is not None:  # the best adapter of the model selection so far
             save_file({n: v.contiguous() for n, v in best.items()}, str(staging / "best.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

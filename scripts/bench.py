@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import importlib.util
 import json
 import os
@@ -41,6 +40,7 @@ from transformers import PreTrainedModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import Memory  # noqa: E402
 
+from flare_exp.evaluate import autocast  # noqa: E402
 from flare_exp.flare import FUSIONS, enable_gradient_checkpointing  # noqa: E402
 from flare_exp.flare.mt import load_mt_encoder  # noqa: E402
 from flare_exp.train import _optimization  # noqa: E402
@@ -207,13 +207,6 @@ def check_targets(result: dict) -> list[tuple[str, str, bool]]:
         rows.append(("data loading (spread over an epoch's batches) and collation under 5% of a FLARE step",
                      f"{100 * share:.2f}%", share < 0.05))
     return rows
-
-
-def autocast(device: torch.device, dtype: str | None):
-    """The run's mixed precision (``--autocast``), as training's forward runs under it."""
-    if not dtype:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def train_step(model, optimizer, batch: dict, precision: str | None = None) -> None:

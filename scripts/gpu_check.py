@@ -156,9 +156,8 @@ def bench_parts(cpu: bool, gpu_gib: float = 0.0) -> list[tuple[str, list[str]]]:
                                  "--methods", three, "--no-pipeline", *scale])]
 
 
-def throughput_rows(name: str, bench: dict, device: str) -> list[dict]:
-    model = {"llama8b": "llama3.1-8b", "xlmr-large": "xlmr-large"}[name.split("-nf4")[0].split("-bf16")[0]]
-    return [{"model": model, "method": method, "gradient_checkpointing": bench["gradient_checkpointing"],
+def throughput_rows(bench: dict, device: str) -> list[dict]:
+    return [{"model": bench["model"], "method": method, "gradient_checkpointing": bench["gradient_checkpointing"],
              "batch": bench["batch"], "length": bench["length"], "step_s": round(row["train_step_s"], 4),
              "tokens_per_s": round(row["tokens_per_s"]), "peak_gb": round(row["peak_mb"] / 1024, 2),
              "source": "measured", "device": device, "date": time.strftime("%Y-%m-%d")}
@@ -242,7 +241,7 @@ def main() -> None:
             bench = json.loads(found[0].read_text())
             bench["table"] = found[0].with_suffix(".md").read_text()
             report["bench"][name] = bench
-            rows += throughput_rows(name, bench, device)
+            rows += throughput_rows(bench, device)
     for name in ("llama8b-nf4", "llama8b-nf4-gc"):
         flare = report["bench"].get(name, {}).get("methods", {}).get("flare-add_relu")
         for key, limit in TARGETS.items():

@@ -67,7 +67,8 @@ class TolerantSlurmLauncher(SlurmLauncher):
 
     @staticmethod
     def submitted(job) -> JobReturn:
-        """The return of a job submitted and not waited for (its results come later)."""
+        """A completed return without a value: for a job submitted and not waited for (its results
+        come later), or one that died without a result (its FAILED marker carries the failure)."""
         returned = JobReturn(overrides=list(job.submission().args[0]), status=JobStatus.COMPLETED)
         returned._return_value = None
         return returned
@@ -86,6 +87,4 @@ class TolerantSlurmLauncher(SlurmLauncher):
             folder.mkdir(parents=True, exist_ok=True)
             summary = " ".join(str(error).splitlines()[:2])
             (folder / "FAILED").write_text(f"{' '.join(overrides)}\nSLURM job {job.job_id}: {summary}\n")
-            recorded = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-            recorded._return_value = None
-            return recorded
+            return self.submitted(job)
