@@ -14,10 +14,10 @@ GPU_OUT ?= outputs/gpu-check
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run example nusax-cpu table-nusax-cpu nusax-cpu-sensitivity table-nusax-cpu-sensitivity wandb-sync test test-slurm test-slow bench bench-flare gpu-wheels gpu-check clean
+.PHONY: help install run example nusax-cpu table-nusax-cpu nusax-cpu-sensitivity table-nusax-cpu-sensitivity nusax-cpu-smollm2 table-nusax-cpu-smollm2 nusax-cpu-smollm2-sensitivity table-nusax-cpu-smollm2-sensitivity wandb-sync test test-slurm test-slow bench bench-flare gpu-wheels gpu-check clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,18 @@ nusax-cpu-sensitivity: $(STAMP) ## The NusaX CPU study's runs evaluated again wi
 
 table-nusax-cpu-sensitivity: $(STAMP) ## The sensitivity table and plot (finished evaluations only)
 	$(OFFLINE) $(PY) -m flare_exp.sensitivity experiment=nusax_cpu_sensitivity data.dir=$(DATA_DIR)
+
+nusax-cpu-smollm2: $(STAMP) ## The decoder on NusaX (SmolLM2-135M, generation, 2 languages) on DATA_DIR
+	$(OFFLINE) $(PY) run.py experiment=nusax_cpu_smollm2 data.dir=$(DATA_DIR)
+
+table-nusax-cpu-smollm2: $(STAMP) ## Tables of the SmolLM2 runs, with invalid outputs and the stage-1 English score
+	$(OFFLINE) $(PY) -m flare_exp.tables experiment=nusax_cpu_smollm2 data.dir=$(DATA_DIR)
+
+nusax-cpu-smollm2-sensitivity: $(STAMP) ## The SmolLM2 runs evaluated again with other test-time English
+	$(OFFLINE) $(PY) run.py experiment=nusax_cpu_smollm2_sensitivity data.dir=$(DATA_DIR)
+
+table-nusax-cpu-smollm2-sensitivity: $(STAMP) ## The SmolLM2 sensitivity table and plot
+	$(OFFLINE) $(PY) -m flare_exp.sensitivity experiment=nusax_cpu_smollm2_sensitivity data.dir=$(DATA_DIR)
 
 paper-%: $(STAMP) ## Run a paper table's sweep as dependent stages: paper-xnli|tydiqa|nusax [LAUNCHER=local|slurm]
 	$(PY) -m flare_exp.sweep experiment=paper_$* --launcher $(LAUNCHER)

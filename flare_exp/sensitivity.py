@@ -6,7 +6,8 @@ English) as the constant baseline.
 
 Reads ``<run>/sources/<setting>/results.json`` (``stage=evaluate``) of every job of the
 experiment and the LoRA runs of the experiment it evaluates; writes ``sensitivity.{md,csv}`` and
-``sensitivity.png`` under ``outputs/tables/<experiment>/`` and lists what has not run.
+``sensitivity.png`` under ``outputs/tables/<experiment>/`` (with the share of outputs naming no
+label where a decoder gave any) and lists what has not run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[d
         quality = result["source"]["quality_to_trained_english"]
         rows.append({"method": result["method"], "lang": result["lang"], "seed": result["seed"],
                      "source": source_label(cfg), "score": 100 * result["metrics"][metric], "metric": metric,
+                     "invalid": 100 * result["metrics"].get("invalid", 0) / result["metrics"]["n"],
                      "chrf": sum(q["chrf"] for q in quality.values()) / len(quality)})
         lora = cfg.copy()
         with open_dict(lora):
@@ -47,16 +49,18 @@ def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[d
             result = json.loads(path.read_text())
             rows.append({"method": "lora", "lang": result["lang"], "seed": result["seed"], "source": "(none)",
                          "score": 100 * result["metrics"][result["headline_metric"]],
-                         "metric": result["headline_metric"], "chrf": float("nan")})
+                         "metric": result["headline_metric"], "chrf": float("nan"),
+                         "invalid": 100 * result["metrics"].get("invalid", 0) / result["metrics"]["n"]})
     return pd.DataFrame(rows), missing
 
 
-def table(frame: pd.DataFrame) -> str:
-    """Methods x sources: the mean score over languages and seeds (runs), and the English's chrF."""
+def table(frame: pd.DataFrame, value: str = "score") -> str:
+    """Methods x sources: the mean ``value`` over languages and seeds (runs; ``score``, or
+    ``invalid``: the share of outputs naming no label), and the English's chrF."""
     modes = ["as_trained", "noised", "mismatched", "target", "empty", "(none)"]
     sources = sorted(set(frame["source"]), key=lambda s: (next(i for i, m in enumerate(modes) if s.startswith(m)), s))
-    scores = frame.pivot_table(index="method", columns="source", values="score", aggfunc="mean")
-    runs = frame.pivot_table(index="method", columns="source", values="score", aggfunc="count")
+    scores = frame.pivot_table(index="method", columns="source", values=value, aggfunc="mean")
+    runs = frame.pivot_table(index="method", columns="source", values=value, aggfunc="count")
     chrf = frame[frame["method"] != "lora"].groupby("source")["chrf"].mean()
     lines = ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for method in method_order(scores.index):
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     frame.to_csv(folder / "sensitivity.csv", index=False)
     markdown = table(frame)
+    if frame["invalid"].gt(0).any():  # a decoder's generations: how many named no label
+        markdown += "\nOutputs naming no label (%):\n\n" + table(frame, "invalid")
     (folder / "sensitivity.md").write_text(markdown)
     plot(frame, folder / "sensitivity.png")
     print(f"{experiment}: mean over languages and seeds (runs in brackets); written to {folder}\n")

@@ -5,6 +5,7 @@
 Writes, under ``<out>/<experiment>/``: ``table.{md,tex,csv}`` (methods x models, the average
 over languages, mean +- std over seeds, the best method of each model in bold, the paper's
 number and our difference beside it), ``languages_<model>.md`` (methods x languages),
+``diagnostics_<model>.md`` (invalid outputs per language and the stage-1 English score),
 ``significance.md`` (FLARE vs LoRA, paired bootstrap over test examples) and ``plots/*.png``.
 Runs the experiment declares but that have not finished are listed, not trained.
 """
@@ -228,6 +229,24 @@ def language_table(frame: pd.DataFrame, model: str, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+def diagnostics_table(frame: pd.DataFrame, model: str) -> str:
+    """Methods x languages of one model: the share of test outputs naming no label (a decoder's
+    generations; %, mean over seeds) and the stage-1 model's English test score (%, mean over
+    seeds): the two first suspects when methods order differently on another model."""
+    part = frame[frame["model"] == model]
+    invalid = part.assign(share=100 * part["invalid"] / part["n"]).pivot_table(
+        index="method", columns="lang", values="share", aggfunc="mean")
+    invalid = invalid.reindex(method_order(invalid.index))
+    english = part.groupby("method")["english_score"].mean().mul(100)
+    header = ["method", *[f"{lang} invalid %" for lang in invalid.columns], "stage-1 English"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, values in invalid.iterrows():
+        score = english.get(method)
+        lines.append("| " + " | ".join([method, *(f"{v:.2f}" for v in values),
+                                        "–" if score is None or pd.isna(score) else f"{score:.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
 # -- FLARE vs LoRA, paired bootstrap -----------------------------------------------------------
 def _example_scores(path: Path, metric: str) -> tuple[list[str], np.ndarray, list]:
     rows = [json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines()]
@@ -369,6 +388,7 @@ def build(experiment: str, overrides: list[str], out: Path, samples: int = 1000)
     (folder / "table.tex").write_text(paper_table(table, latex=True))
     for model in dict.fromkeys(frame["model"]):
         (folder / f"languages_{model}.md").write_text(language_table(frame, model, metric))
+        (folder / f"diagnostics_{model}.md").write_text(diagnostics_table(frame, model))
     if {"flare", "lora"} <= set(frame["method"]):
         (folder / "significance.md").write_text(significance_table(frame, metric, samples))
     report["plots"] = [str(p) for p in plot(frame, metric, folder / "plots")]

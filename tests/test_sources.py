@@ -105,3 +105,20 @@ def test_the_sensitivity_table_reads_the_evaluations_and_the_lora_baseline(tmp_p
     markdown = table(frame)
     assert markdown.splitlines()[0] == "| method | as_trained | mismatched-seed0 | empty | (none) |"
     assert "| flare |" in markdown and "| lora |" in markdown
+
+
+def test_the_sensitivity_table_can_give_the_share_of_invalid_outputs():
+    import pandas as pd
+
+    from flare_exp.sensitivity import table
+
+    frame = pd.DataFrame([
+        {"method": "flare", "lang": "jav", "seed": 100, "source": "as_trained", "score": 80.0, "invalid": 2.0, "chrf": 100.0, "metric": "macro_f1"},
+        {"method": "flare", "lang": "sun", "seed": 100, "source": "as_trained", "score": 70.0, "invalid": 4.0, "chrf": 100.0, "metric": "macro_f1"},
+        {"method": "flare", "lang": "jav", "seed": 100, "source": "empty", "score": 30.0, "invalid": 50.0, "chrf": 0.0, "metric": "macro_f1"},
+        {"method": "lora", "lang": "jav", "seed": 100, "source": "(none)", "score": 60.0, "invalid": 1.0, "chrf": float("nan"), "metric": "macro_f1"},
+    ])
+    assert "| flare | 75.00 (2) | 30.00 (1) | – |" in table(frame)
+    invalid = table(frame, "invalid")
+    assert "| flare | 3.00 (2) | 50.00 (1) | – |" in invalid
+    assert "| lora | – | – | 1.00 (1) |" in invalid

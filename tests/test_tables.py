@@ -160,3 +160,21 @@ def test_language_averaged_bootstrap_is_stratified_by_language(tmp_path):
                               "accuracy", samples=500)
     assert both["difference"] == pytest.approx(0.0) and 0.3 < both["p_value"] < 0.7 and both["n"] == 80
     assert p_text(0.0, 1000) == "<0.001" and p_text(0.0123, 1000) == "0.012"
+
+
+def test_the_diagnostics_table_gives_invalid_shares_per_language_and_the_stage1_english_score(tmp_path):
+    from flare_exp.tables import diagnostics_table, load_results
+
+    paths = []
+    for method, invalid, english in [("lora", 3, 0.5), ("flare", 0, 0.5), ("zero_shot", 10, 0.5)]:
+        folder = write_run(tmp_path, method, 5, n=20)
+        result = json.loads((folder / "results.json").read_text())
+        result["metrics"]["invalid"] = invalid
+        result["stage1_english"] = {"accuracy": english}
+        (folder / "results.json").write_text(json.dumps(result))
+        paths.append(folder / "results.json")
+    text = diagnostics_table(load_results(paths), "minilm")
+    assert text.splitlines()[0] == "| method | dmb invalid % | stage-1 English |"
+    assert "| zero_shot | 50.00 | 50.00 |" in text
+    assert "| lora | 15.00 | 50.00 |" in text
+    assert "| flare | 0.00 | 50.00 |" in text
