@@ -126,7 +126,10 @@ class SweepSummary(Callback):
             overrides, _, error = marker.read_text().partition("\n")
             print(f"FAILED job {marker.parent.name} ({overrides}): {error.strip()}")
         failed, jobs = len(failed), len({p.parent for p in sweep.glob("*/.hydra")} | {m.parent for m in failed})
-        if not results:
+        if config.get("stage") == "evaluate":  # results lie beside each run, under sources/<setting>/
+            print(f"Evaluations written beside their runs (<run>/sources/<setting>/); the table: "
+                  f"python -m flare_exp.sensitivity experiment={config.experiment_name or '<name>'} ...")
+        elif not results:
             print(f"No finished runs in {sweep}.")
         else:
             self._report(config, sweep, results, failed)

@@ -122,3 +122,16 @@ def test_the_sensitivity_table_can_give_the_share_of_invalid_outputs():
     invalid = table(frame, "invalid")
     assert "| flare | 3.00 (2) | 50.00 (1) | – |" in invalid
     assert "| lora | – | – | 1.00 (1) |" in invalid
+
+
+def test_an_evaluate_sweep_points_at_the_sensitivity_table(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from flare_exp.results import SweepSummary
+
+    for stage, expected in [("evaluate", "python -m flare_exp.sensitivity experiment=nusax_cpu_sensitivity"),
+                            ("run", "No finished runs")]:
+        config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "stage": stage,
+                                   "experiment_name": "nusax_cpu_sensitivity"})
+        SweepSummary().on_multirun_end(config)
+        assert expected in capsys.readouterr().out
