@@ -215,16 +215,19 @@ def paper_table(table: pd.DataFrame, latex: bool = False) -> str:
 
 
 def language_table(frame: pd.DataFrame, model: str, metric: str) -> str:
-    """Methods x languages (mean over seeds) of one model, with the average."""
+    """Methods x languages (mean over seeds) of one model, with the average over the languages
+    every method has finished (named where that is not all of them: no average over other sets)."""
     part = frame[frame["model"] == model]
     pivot = part.pivot_table(index="method", columns="lang", values=metric, aggfunc="mean") * 100
-    pivot["avg"] = pivot.mean(axis=1)
+    shared = [c for c in pivot.columns if pivot[c].notna().all()]
+    average = "avg" if len(shared) == len(pivot.columns) else f"avg of {', '.join(shared)}"
+    pivot[average] = pivot[shared].mean(axis=1) if shared else float("nan")
     pivot = pivot.reindex(method_order(pivot.index))
     header = ["method", *pivot.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = pivot.max(axis=0)
     for method, values in pivot.iterrows():
-        best = pivot.max(axis=0)
-        cells = [f"**{v:.2f}**" if v == best[c] else f"{v:.2f}" for c, v in values.items()]
+        cells = ["–" if pd.isna(v) else f"**{v:.2f}**" if v == best[c] else f"{v:.2f}" for c, v in values.items()]
         lines.append("| " + " | ".join([method, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -243,7 +246,7 @@ def diagnostics_table(frame: pd.DataFrame, model: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, values in invalid.iterrows():
         score = english.get(method)
-        lines.append("| " + " | ".join([method, *(f"{v:.2f}" for v in values),
+        lines.append("| " + " | ".join([method, *("–" if pd.isna(v) else f"{v:.2f}" for v in values),
                                         "–" if score is None or pd.isna(score) else f"{score:.2f}"]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -178,3 +178,17 @@ def test_the_diagnostics_table_gives_invalid_shares_per_language_and_the_stage1_
     assert "| zero_shot | 50.00 | 50.00 |" in text
     assert "| lora | 15.00 | 50.00 |" in text
     assert "| flare | 0.00 | 50.00 |" in text
+
+
+def test_the_language_average_covers_only_the_languages_every_method_finished(tmp_path):
+    from flare_exp.tables import language_table, load_results
+
+    paths = [write_run(tmp_path, "lora", 6, folder=tmp_path / "l-dmb") / "results.json",
+             write_run(tmp_path, "flare", 8, folder=tmp_path / "f-dmb") / "results.json"]
+    late = write_run(tmp_path, "flare", 10, folder=tmp_path / "f-dma")
+    result = json.loads((late / "results.json").read_text())
+    (late / "results.json").write_text(json.dumps({**result, "lang": "dma"}))
+    text = language_table(load_results([*paths, late / "results.json"]), "minilm", "accuracy")
+    assert text.splitlines()[0] == "| method | dma | dmb | avg of dmb |"
+    assert "| lora | – | 60.00 | 60.00 |" in text
+    assert "| flare | **100.00** | **80.00** | **80.00** |" in text
