@@ -6,7 +6,8 @@ Writes, under ``<out>/<experiment>/``: ``table.{md,tex,csv}`` (methods x models,
 over languages, mean +- std over seeds, the best method of each model in bold, the paper's
 number and our difference beside it), ``languages_<model>.md`` (methods x languages),
 ``diagnostics_<model>.md`` (invalid outputs per language and the stage-1 English score),
-``significance.md`` (FLARE vs LoRA, paired bootstrap over test examples) and ``plots/*.png``.
+``significance.md`` (FLARE vs LoRA, paired bootstrap over test examples),
+``significance_input_fusion.md`` (input fusion vs FLARE, where both ran) and ``plots/*.png``.
 Runs the experiment declares but that have not finished are listed, not trained.
 """
 
@@ -304,21 +305,26 @@ def p_text(p: float, samples: int) -> str:
     return f"<{1 / samples:.3f}" if p == 0 else f"{p:.3f}"
 
 
-def significance_table(frame: pd.DataFrame, metric: str, samples: int = 1000) -> str:
-    """FLARE minus LoRA per language and, per (task, model, mt, seed), over the languages both
-    finished (stratified by language)."""
-    lines = ["| task | model | mt | lang | seed | FLARE − LoRA | p (FLARE ≤ LoRA) | n |", "|---|---|---|---|---|---|---|---|"]
+NAMES = {"flare": "FLARE", "lora": "LoRA", "input_fusion": "input fusion", "translate_test": "translate-test"}
+
+
+def significance_table(frame: pd.DataFrame, metric: str, samples: int = 1000, a: str = "flare", b: str = "lora") -> str:
+    """Method ``a`` minus method ``b`` (FLARE minus LoRA by default) per language and, per (task,
+    model, mt, seed), over the languages both finished (stratified by language)."""
+    first, second = NAMES.get(a, a), NAMES.get(b, b)
+    lines = [f"| task | model | mt | lang | seed | {first} − {second} | p ({first} ≤ {second}) | n |",
+             "|---|---|---|---|---|---|---|---|"]
     keys = ["task", "model", "mt", "lang", "seed"]
-    flare = frame[frame["method"] == "flare"].set_index(keys)["run_dir"]
-    lora = frame[frame["method"] == "lora"].set_index(keys)["run_dir"]
-    both = sorted(set(flare.index) & set(lora.index))
+    ours = frame[frame["method"] == a].set_index(keys)["run_dir"]
+    theirs = frame[frame["method"] == b].set_index(keys)["run_dir"]
+    both = sorted(set(ours.index) & set(theirs.index))
     for key in both:
-        test = paired_bootstrap(Path(flare[key]), Path(lora[key]), metric, samples)
+        test = paired_bootstrap(Path(ours[key]), Path(theirs[key]), metric, samples)
         lines.append("| " + " | ".join(map(str, key)) +
                      f" | {test['difference']:+.2f} | {p_text(test['p_value'], samples)} | {test['n']} |")
     groups: dict[tuple, list] = {}
     for key in both:
-        groups.setdefault(key[:3] + key[4:], []).append((Path(flare[key]), Path(lora[key])))
+        groups.setdefault(key[:3] + key[4:], []).append((Path(ours[key]), Path(theirs[key])))
     for (task, model, mt, seed), pairs in groups.items():
         if len(pairs) > 1:
             test = averaged_bootstrap(pairs, metric, samples)
@@ -394,6 +400,8 @@ def build(experiment: str, overrides: list[str], out: Path, samples: int = 1000)
         (folder / f"diagnostics_{model}.md").write_text(diagnostics_table(frame, model))
     if {"flare", "lora"} <= set(frame["method"]):
         (folder / "significance.md").write_text(significance_table(frame, metric, samples))
+    if {"flare", "input_fusion"} <= set(frame["method"]):  # FLARE's fair competitor: the same English, in the input
+        (folder / "significance_input_fusion.md").write_text(significance_table(frame, metric, samples, "input_fusion", "flare"))
     report["plots"] = [str(p) for p in plot(frame, metric, folder / "plots")]
     print(f"{experiment}: {metric} (%), average over languages; written to {folder}\n")
     print(markdown)

@@ -192,3 +192,15 @@ def test_the_language_average_covers_only_the_languages_every_method_finished(tm
     assert text.splitlines()[0] == "| method | dma | dmb | avg of dmb |"
     assert "| lora | – | 60.00 | 60.00 |" in text
     assert "| flare | **100.00** | **80.00** | **80.00** |" in text
+
+
+def test_the_significance_table_compares_any_two_methods(tmp_path):
+    from flare_exp.tables import load_results, significance_table
+
+    paths = [write_run(tmp_path, method, correct, n=100) / "results.json"
+             for method, correct in [("input_fusion", 90), ("flare", 70), ("lora", 60)]]
+    frame = load_results(paths)
+    text = significance_table(frame, "accuracy", samples=200, a="input_fusion", b="flare")
+    assert text.splitlines()[0] == "| task | model | mt | lang | seed | input fusion − FLARE | p (input fusion ≤ FLARE) | n |"
+    assert "| demo | minilm | gold | dmb | 100 | +20.00 | <0.005 | 100 |" in text
+    assert "| +10.00 |" in significance_table(frame, "accuracy", samples=200)
