@@ -53,6 +53,11 @@ def classification_metrics(gold, predicted, labels) -> dict:
     }
 
 
+def invalid_share(metrics: dict) -> float:
+    """The share (%) of a run's outputs that named no label (0 where none are counted)."""
+    return 100 * metrics.get("invalid", 0) / metrics["n"]
+
+
 # -- SQuAD v1.1 exact match and F1 -------------------------------------------------------------
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = None

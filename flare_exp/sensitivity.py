@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
+from .metrics import invalid_share
 from .pipeline import source_label
 from .results import run_dir
 from .tables import CONF, method_order, split_experiment, sweep_configs
@@ -38,7 +39,7 @@ def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[d
         quality = result["source"]["quality_to_trained_english"]
         rows.append({"method": result["method"], "lang": result["lang"], "seed": result["seed"],
                      "source": source_label(cfg), "score": 100 * result["metrics"][metric], "metric": metric,
-                     "invalid": 100 * result["metrics"].get("invalid", 0) / result["metrics"]["n"],
+                     "invalid": invalid_share(result["metrics"]),
                      "chrf": sum(q["chrf"] for q in quality.values()) / len(quality)})
         lora = cfg.copy()
         with open_dict(lora):
@@ -50,7 +51,7 @@ def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[d
             rows.append({"method": "lora", "lang": result["lang"], "seed": result["seed"], "source": "(none)",
                          "score": 100 * result["metrics"][result["headline_metric"]],
                          "metric": result["headline_metric"], "chrf": float("nan"),
-                         "invalid": 100 * result["metrics"].get("invalid", 0) / result["metrics"]["n"]})
+                         "invalid": invalid_share(result["metrics"])})
     return pd.DataFrame(rows), missing
 
 

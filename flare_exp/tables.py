@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from .metrics import macro_f1_rows, normalize_answer, token_f1
+from .metrics import invalid_share, macro_f1_rows, normalize_answer, token_f1
 from .paper_results import METHODS, paper_value
 from .results import run_dir
 
@@ -40,6 +40,7 @@ def load_results(paths) -> pd.DataFrame:
         result = json.loads(Path(path).read_text())
         row = {k: result[k] for k in ("task", "model", "mt", "method", "lang", "seed")}
         row.update({k: v for k, v in result["metrics"].items()})
+        row["invalid_share"] = invalid_share(result["metrics"])
         row["english_score"] = result.get("stage1_english", {}).get(result.get("headline_metric", "accuracy"))
         row["run_dir"] = str(Path(path).parent)
         rows.append(row)
@@ -233,14 +234,12 @@ def language_table(frame: pd.DataFrame, model: str, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def diagnostics_table(frame: pd.DataFrame, model: str) -> str:
     """Methods x languages of one model: the share of test outputs naming no label (a decoder's
     generations; %, mean over seeds) and the stage-1 model's English test score (%, mean over
     seeds): the two first suspects when methods order differently on another model."""
     part = frame[frame["model"] == model]
-    invalid = part.assign(share=100 * part["invalid"] / part["n"]).pivot_table(
-        index="method", columns="lang", values="share", aggfunc="mean")
+    invalid = part.pivot_table(index="method", columns="lang", values="invalid_share", aggfunc="mean")
     invalid = invalid.reindex(method_order(invalid.index))
     english = part.groupby("method")["english_score"].mean().mul(100)
     header = ["method", *[f"{lang} invalid %" for lang in invalid.columns], "stage-1 English"]
