@@ -7,9 +7,10 @@
 Each stage is one multirun of ``run.py`` over the parameters it depends on (translation: task x
 language x MT system; stage 1: task x model x seed; stage 2: the whole sweep); a parameter a stage
 does not depend on is pinned to its first value. Under SLURM every array is submitted at once and
-the later ones wait through ``--dependency=afterok`` (stage 2 after translation and stage 1; stage 1
+the later ones wait through ``--dependency=afterany`` (stage 2 after translation and stage 1; stage 1
 needs no translation), so no job holds a GPU while it waits. Stage-2 jobs (``stage=stage2``) fail at
-once, naming the stage to run, where an input is missing.
+once, naming the stage to run, where an input is missing: one failed translation or stage-1 job
+costs only the stage-2 jobs that need its output, not the whole stage.
 """
 
 from __future__ import annotations

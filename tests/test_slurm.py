@@ -131,7 +131,7 @@ def test_two_jobs_sharing_one_translation_cache_write_each_record_once(tmp_path)
 
 def test_a_chained_three_stage_sweep_starts_stage2_after_its_inputs(tmp_path):
     """python -m flare_exp.sweep --launcher slurm: translation, stage 1 and stage 2 submitted at
-    once as three arrays; stage 2 waits through SLURM (afterok) and starts after both finished
+    once as three arrays; stage 2 waits through SLURM (afterany) and starts after both finished
     (a stage-2 job started earlier would fail at once: its inputs would be missing)."""
     overrides = [a for a in LAUNCH if a not in ("-m", "hydra/launcher=slurm", "mt=gold")]
     done = subprocess.run([sys.executable, "-m", "flare_exp.sweep", "experiment=demo", "--launcher", "slurm", "--wait",
@@ -151,3 +151,29 @@ def test_a_chained_three_stage_sweep_starts_stage2_after_its_inputs(tmp_path):
     for path in results:
         assert json.loads(path.read_text())["timing"]["started_at"] >= inputs_done, path
     assert not list(tmp_path.glob("sweeps/*/*/FAILED"))
+
+
+def test_a_stage_waits_for_the_earlier_ones_to_end_not_to_succeed(tmp_path):
+    """A sweep chained after an earlier stage's array starts once that array has ended, even
+    where one of its jobs failed (SLURM afterany): with afterok one failed stage-1 or translation
+    job of hundreds left every stage-2 job pending for ever. Stage-2 jobs whose own inputs are
+    missing fail at once, naming the stage to run (tests/test_fail_fast.py); the others run."""
+    failed = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--mem=100M", "--time=1",
+                             f"--output={tmp_path}/failed.out", "--wrap", "exit 3"],
+                            capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    ids = tmp_path / "earlier.ids"
+    ids.write_text(failed + "\n")
+    job = _sweep(tmp_path, "method=lora", "data.max_train=48", "train.epochs=1", f"chain.after=[{ids}]")
+    deadline, never = time.time() + 600, None
+    while job.poll() is None and time.time() < deadline and never is None:
+        time.sleep(2)
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %r"], capture_output=True, text=True).stdout
+        never = next((line for line in queue.splitlines() if "DependencyNeverSatisfied" in line), None)
+    if job.poll() is None:
+        job.kill()
+        subprocess.run(["scancel", "--partition=debug"], check=False)
+    output = job.communicate()[0]
+    assert never is None, f"the chained sweep can never start after a failed earlier job: {never}"
+    assert job.returncode == 0, output[-3000:]
+    assert f"after {failed}" in output
+    assert list(tmp_path.glob("runs/demo/tiny-bert/gold/lora/dma/seed100-*/results.json"))

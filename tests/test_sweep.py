@@ -56,7 +56,7 @@ def test_slurm_stages_are_chained_by_dependencies(tmp_path):
     assert "hydra.sweeper.params.model=xlmr-large" in translate and "hydra.sweeper.params.method=zero_shot" in translate
     assert "hydra.sweeper.params.lang=ace" in stage1 and "hydra.sweeper.params.model=xlmr-large" not in stage1
     assert not any(a.startswith("hydra.sweeper.params") and "='" not in a for a in stage2)  # nothing pinned
-    # stage 2 waits for translation and stage 1 (afterok); stage 1 needs no translation
+    # stage 2 waits for translation and stage 1 (afterany); stage 1 needs no translation
     assert f"chain.after=[{tmp_path / 'translate.ids'},{tmp_path / 'stage1.ids'}]" in stage2
     assert not any(a.startswith("chain.after") for a in translate + stage1)
     assert all("chain.wait=false" in s for s in stages.values())

@@ -8,7 +8,9 @@ It overrides the launcher's own ``launch`` (submission as hydra-submitit-launche
 its own collection of results) and touches nothing inside submitit.
 
 Chained stages (``python -m flare_exp.sweep``): ``chain.after`` names the job-id files of the
-sweeps this one waits for (SLURM ``--dependency=afterok``: no job holds a GPU while it waits),
+sweeps this one waits for (SLURM ``--dependency=afterany``: no job holds a GPU while it waits, and
+one failed job of an earlier array does not hold back the rest: a job whose own inputs are missing
+fails at once, naming the stage to run),
 ``chain.ids_file`` where this sweep's job ids go, and ``chain.wait: false`` submits and returns.
 """
 
@@ -40,9 +42,10 @@ class TolerantSlurmLauncher(SlurmLauncher):
                                       for k, v in self.params.items() if k not in init_keys})
         chain = self.config.get("chain") or {}
         after = [i for path in chain.get("after") or [] for i in Path(path).read_text().split()]
-        if after:  # start only once every job of the earlier stages has finished successfully
+        if after:  # start once every job of the earlier stages has ended (afterok would never start
+            # any job after one failure; a job whose inputs are missing fails at once instead)
             extra = dict(self.params.get("additional_parameters") or {})
-            executor.update_parameters(slurm_additional_parameters={**extra, "dependency": "afterok:" + ":".join(after)})
+            executor.update_parameters(slurm_additional_parameters={**extra, "dependency": "afterany:" + ":".join(after)})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
