@@ -11,6 +11,7 @@ loss reduction across ranks and gradient clipping (unscaled first under float16)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import shutil
@@ -224,7 +225,35 @@ def accelerator_for(train_cfg, device):
     return Accelerator(mixed_precision=precision, cpu=cpu, device_placement=False)
 
 
-def _accumulate(accelerator, runner, batcher, group: list[list[int]], targets, english, device) -> list[float]:
+def answers_last(model, batcher) -> bool:
+    """Whether ``model``'s training batches end every row with its answer (a decoder's: left
+    padded, prompt then answer) and its transformers model can compute the logits of the last
+    positions alone (``logits_to_keep``)."""
+    if getattr(batcher, "kind", None) != "decoder":
+        return False
+    hf = model.hf_model if hasattr(model, "hf_model") else model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(hf.forward).parameters
+
+
+def training_loss(runner, batch: dict, answers_at_end: bool = False) -> torch.Tensor:
+    """The batch's loss. Where every row ends with its answer (``answers_last``), the mean
+    cross-entropy of the answer tokens from the logits of only the positions that predict them:
+    the model's own loss would run the LM head and a vocabulary-wide softmax over every prompt
+    position too (most of a classification prompt), for no gradient. (The model does not see
+    ``labels`` then: a fused batch carries its ``target_prompt_lengths``, as the batcher's do.)"""
+    labels = batch.get("labels")
+    if not answers_at_end or labels is None:
+        return runner(**batch).loss
+    length = labels.shape[1]
+    first = int((labels != -100).any(0).int().argmax())  # the first column holding an answer token
+    keep = min(length - first + 1, length)  # position p predicts token p + 1
+    logits = runner(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels[:, length - keep + 1:].flatten(),
+                                             ignore_index=-100)
+
+
+def _accumulate(accelerator, runner, batcher, group: list[list[int]], targets, english, device,
+                answers_at_end: bool = False) -> list[float]:
     """Forward and backward of the micro-batches of one optimizer step (this rank's share of each);
     gradients are synchronised across ranks on the last micro-batch only. Their losses."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -234,7 +263,7 @@ def _accumulate(accelerator, runner, batcher, group: list[list[int]], targets, e
         batch = batcher([targets[i] for i in indices], [english[i] for i in indices] if english is not None else None)
         last = number == len(group) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(runner):
-            loss = runner(**to_device(batch, device)).loss / len(group)  # autocast by accelerate
+            loss = training_loss(runner, to_device(batch, device), answers_at_end) / len(group)  # autocast by accelerate
             accelerator.backward(loss)
         losses.append(accelerator.reduce(loss.detach(), "mean").item() * len(group))
     return losses
@@ -277,6 +306,7 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     for _ in range(position["epoch"]):  # replay the shuffles of the finished epochs
         _epoch_batches(order, lengths, train_cfg.batch_size, rng)
     step, epoch_means = position["step"], position["epoch_means"]
+    answers_at_end = answers_last(model, batcher)
     model.train()
     start = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True) as progress:
@@ -285,7 +315,8 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
             epoch_losses = position["epoch_losses"] if position["group"] else []
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
-                epoch_losses.extend(_accumulate(accelerator, runner, batcher, group, targets, english, device))
+                epoch_losses.extend(_accumulate(accelerator, runner, batcher, group, targets, english, device,
+                                                answers_at_end))
                 norm = accelerator.clip_grad_norm_(params, 1.0)
                 rate = scheduler.get_last_lr()[0]
                 optimizer.step()

@@ -163,3 +163,53 @@ def test_grouped_epochs_replay_identically_for_a_resume():
     assert first != runs[0][1]  # every epoch is shuffled anew
     spread = [max(example_length(targets[i]) for i in b) - min(example_length(targets[i]) for i in b) for b in first]
     assert sum(spread) / len(spread) < 20  # similar lengths within a batch (lengths span 2-80)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("fused", [False, True], ids=["lora", "flare"])
+def test_the_answer_only_loss_equals_the_models_own_loss_and_gradients(family, fused):
+    """A decoder batch ends every row with its answer (left padding; answers of 1-3 tokens after
+    prompts of several lengths): ``training_loss`` computes the logits of the answer positions
+    alone, and its loss and every gradient equal the model's own loss over the whole sequence
+    (transformers' causal-LM loss; Gemma 2 soft-caps its logits)."""
+    from peft import LoraConfig, get_peft_model
+
+    from flare_exp.flare import FlareConfig, get_flare_model
+    from flare_exp.train import answers_last, training_loss
+    from tiny import padded_batch, randomize_lora, tiny_model
+
+    if fused:
+        model = get_flare_model(tiny_model(family), FlareConfig(r=4, alpha=8, target_modules="all-linear",
+                                                                fusion="add_relu"))
+        randomize_lora(model.peft_model, seed=2, scale=0.3)
+    else:
+        model = get_peft_model(tiny_model(family), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_lora(model, seed=2, scale=0.3)
+    answers = [1, 3, 2, 1]
+    ids, mask = padded_batch([9, 6, 12, 4], "left", seed=5)
+    labels = torch.full_like(ids, -100)
+    for row, n in enumerate(answers):
+        labels[row, -n:] = ids[row, -n:]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if fused:
+        source_ids, source_mask = padded_batch([7, 5, 10, 3], "left", seed=6)
+        batch.update(source_input_ids=source_ids, source_attention_mask=source_mask,
+                     target_prompt_lengths=mask.sum(1) - torch.tensor(answers))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batcher = type("DecoderBatcher", (), {"kind": "decoder"})()
+    assert answers_last(model, batcher) and not answers_last(model, type("B", (), {"kind": "encoder"})())
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("logits_to_keep")),
+                                             with_kwargs=True)
+    own = model(**batch).loss
+    own_grads = torch.autograd.grad(own, params)
+    kept = training_loss(model, batch, answers_at_end=True)
+    kept_grads = torch.autograd.grad(kept, params)
+    handle.remove()
+    assert calls == [None, 4]  # the logits of the last 4 positions: the longest answer (3) and the one before
+    torch.testing.assert_close(kept, own, atol=1e-6, rtol=1e-5)
+    for a, b in zip(kept_grads, own_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(training_loss(model, batch), own)  # without answers_at_end: the model's own loss

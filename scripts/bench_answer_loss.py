@@ -1,0 +1,87 @@
+"""A decoder's training step with the loss on the answer tokens from their logits alone (what the
+pipeline does) against the model's own loss over logits at every position, side by side.
+
+    python scripts/bench_answer_loss.py --model smollm2 --batch 16 --length 64 --answer 2
+    python scripts/bench_answer_loss.py --model llama3.1-8b --quantization nf4 --dtype bfloat16 --batch 32   # GPU
+
+A classification batch: ``--length`` tokens per row, the last ``--answer`` of them the answer
+(the label's tokens and EOS), the rest prompt. Each method's model (scripts/bench.py's ``build``)
+takes one step of each kind in turn (interleaved); the figures are medians over ``--reps``, and
+the ratio is answer-only over all positions, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import MODELS, batch_for, build, timed  # noqa: E402
+from bench_memory import Memory  # noqa: E402
+
+from flare_exp.evaluate import autocast  # noqa: E402
+from flare_exp.train import _optimization, answers_last, training_loss  # noqa: E402
+
+
+def step(model, optimizer, batch: dict, answers_at_end: bool, precision: str | None) -> None:
+    model.train()
+    with autocast(next(p for p in model.parameters() if p.requires_grad).device, precision):
+        loss = training_loss(model, batch, answers_at_end)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=[m for m in MODELS if m not in ("minilm", "xlmr-large")], default="smollm2")
+    parser.add_argument("--methods", default="lora,flare-add_relu")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--quantization", choices=["none", "nf4"], default="none")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--answer", type=int, default=2, help="answer tokens at the end of every row")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+    args.source_length, args.gradient_checkpointing = None, False  # what scripts/bench.py's build reads
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory = Memory(device)
+    print(f"{args.model}, batch {args.batch} x {args.length} tokens, answer {args.answer}, "
+          f"{'cuda' if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")
+    for method in args.methods.split(","):
+        model, kind, train_cfg = build(method, args, device, None)
+        if not answers_last(model, type("Batcher", (), {"kind": kind})()):
+            raise SystemExit(f"{args.model} is not a decoder whose forward keeps the last logits alone.")
+        optimizer = _optimization(model, train_cfg, args.batch)[1]
+        vocab = next(m for m in model.modules() if isinstance(m, PreTrainedModel)).config.vocab_size
+        times, peaks = {True: [], False: []}, {True: [], False: []}
+        for rep in range(args.warmup + args.reps):
+            batch = batch_for(method, kind, args.batch, args.length, vocab, 64, rep)
+            batch["labels"][:, :-args.answer] = -100  # the prompt carries no loss
+            if "source_input_ids" in batch:  # as the pipeline's batcher gives them
+                batch["target_prompt_lengths"] = torch.full((args.batch,), args.length - args.answer)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for answer_only in ((True, False) if rep % 2 == 0 else (False, True)):
+                before = memory.start()
+                seconds = timed(lambda: step(model, optimizer, batch, answer_only, args.autocast), device)
+                if rep >= args.warmup:
+                    times[answer_only].append(seconds)
+                    peaks[answer_only].append(memory.peak() - before)
+        all_s, answer_s = statistics.median(times[False]), statistics.median(times[True])
+        all_mb, answer_mb = max(peaks[False]) / 2**20, max(peaks[True]) / 2**20
+        print(f"{method}: step {all_s:.3f} s -> {answer_s:.3f} s (x{answer_s / all_s:.3f}); "
+              f"step's peak above the held memory {all_mb:.0f} MB -> {answer_mb:.0f} MB (x{answer_mb / all_mb:.3f})")
+        del model, optimizer
+
+
+if __name__ == "__main__":
+    main()
