@@ -150,6 +150,10 @@ def evaluate_stage(cfg: DictConfig) -> dict:
     if method.trains and not (out / ADAPTER).is_file():
         raise InputsMissing(f"{out} holds no saved stage 2 ({ADAPTER}; it finished before runs saved one): "
                             "rerun it with force=true.")
+    folder = out / "sources" / source_label(cfg)
+    done = _evaluated(folder, out, cfg.force)
+    if done is not None:
+        return done
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, Path(cfg.output_dir) / "cache")
     translator = LazyTranslator(cfg, device) if cfg.mt.name != "gold" else None
@@ -162,7 +166,6 @@ def evaluate_stage(cfg: DictConfig) -> dict:
     fields = list(cfg.task.fields)
     test, clean = test_pairs(cfg, translator)
     english = english_source(clean, test, fields, cfg.source.mode, float(cfg.source.rate), int(cfg.source.seed))
-    folder = out / "sources" / source_label(cfg)
     rows, metrics, extra = _test(cfg, method, model, batcher, test, english, translator, folder, device)
     result = {**json.loads((out / "results.json").read_text()), "metrics": metrics, **extra,
               "source": {**OmegaConf.to_container(cfg.source), "label": source_label(cfg),
@@ -322,6 +325,20 @@ def _finished(out: Path, identity: dict, force: bool) -> dict | None:
     if result.get("identity") != identity:
         raise ConfigError(f"{out} holds a run of other settings: move it away, or rerun it with force=true.")
     print(f"[skipped: finished earlier with these settings, force=true reruns it] {summary_line(result)}")
+    return result
+
+
+def _evaluated(folder: Path, out: Path, force: bool) -> dict | None:
+    """The evaluation in ``folder`` if it is of the run now in ``out`` (not of an earlier training
+    of it) and not ``force``."""
+    path = folder / "results.json"
+    if force or not path.is_file():
+        return None
+    result, trained = json.loads(path.read_text()), json.loads((out / "results.json").read_text())
+    if (result.get("run_id"), result.get("timing")) != (trained.get("run_id"), trained.get("timing")):
+        return None
+    print(f"[skipped: evaluated earlier, force=true evaluates it again] {summary_line(result)} "
+          f"[source {folder.name}]")
     return result
 
 

@@ -74,12 +74,19 @@ def test_a_finished_run_is_re_evaluated_with_each_source_beside_it(tmp_path):
     assert again["metrics"] == trained["metrics"]  # the saved adapter, the same English: the same scores
     assert (out / "sources/as_trained/predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
     assert again["source"]["quality_to_trained_english"]["text"]["chrf"] == pytest.approx(100.0)
+    written = (out / "sources/as_trained/results.json").stat().st_mtime_ns
+    assert run(make_cfg([*base, "stage=evaluate"], tmp_path)) == again  # done: skipped, not evaluated again
+    assert (out / "sources/as_trained/results.json").stat().st_mtime_ns == written
     noised = run(make_cfg([*base, "stage=evaluate", "source.mode=noised", "source.rate=0.3"], tmp_path))
     assert (out / "sources/noised-0.3-seed0/results.json").is_file()
     assert noised["source"]["quality_to_trained_english"]["text"]["chrf"] < 90
     empty = run(make_cfg([*base, "stage=evaluate", "source.mode=empty"], tmp_path))
     assert json.loads((out / "results.json").read_text())["metrics"] == trained["metrics"]  # the run's own untouched
     assert empty["source"]["label"] == "empty"
+    retrained = run(make_cfg([*base, "force=true"], tmp_path))
+    assert retrained["timing"] != trained["timing"]  # the run trained again: its old evaluations are stale
+    assert run(make_cfg([*base, "stage=evaluate"], tmp_path))["timing"] == retrained["timing"]
+    assert (out / "sources/as_trained/results.json").stat().st_mtime_ns != written
     with pytest.raises(ConfigError, match="reads no English at test"):
         run(make_cfg(["model=tiny-bert", "lang=dma", "method=lora", *SMALL, "stage=evaluate"], tmp_path))
     with pytest.raises(ConfigError, match="add stage=evaluate"):
