@@ -328,18 +328,35 @@ def _finished(out: Path, identity: dict, force: bool) -> dict | None:
     return result
 
 
-def _evaluated(folder: Path, out: Path, force: bool) -> dict | None:
+def _evaluated(folder: Path, out: Path, force: bool, quiet: bool = False) -> dict | None:
     """The evaluation in ``folder`` if it is of the run now in ``out`` (not of an earlier training
     of it) and not ``force``."""
     path = folder / "results.json"
-    if force or not path.is_file():
+    if force or not path.is_file() or not (out / "results.json").is_file():
         return None
     result, trained = json.loads(path.read_text()), json.loads((out / "results.json").read_text())
     if (result.get("run_id"), result.get("timing")) != (trained.get("run_id"), trained.get("timing")):
         return None
-    print(f"[skipped: evaluated earlier, force=true evaluates it again] {summary_line(result)} "
-          f"[source {folder.name}]")
+    if not quiet:
+        print(f"[skipped: evaluated earlier, force=true evaluates it again] {summary_line(result)} "
+              f"[source {folder.name}]")
     return result
+
+
+def finished(cfg: DictConfig) -> bool:
+    """Whether this job would find its work done and skip it (``force`` unset): a run's or an
+    evaluation's results of these settings, a stage 1 in the cache. A SLURM sweep submits only
+    the other jobs. (Translation jobs count as never done: one whose cache is complete reads it
+    and ends without loading the MT model.)"""
+    if cfg.force or cfg.stage == "translate":
+        return False
+    if cfg.stage == "stage1":
+        return (stage1_dir(cfg) / "stage1.json").is_file()
+    out = run_dir(cfg)
+    if cfg.stage == "evaluate":
+        return _evaluated(out / "sources" / source_label(cfg), out, force=False, quiet=True) is not None
+    path = out / "results.json"
+    return path.is_file() and json.loads(path.read_text()).get("identity") == run_identity(cfg)
 
 
 def save_adapter(model, out: Path) -> None:

@@ -151,6 +151,15 @@ def test_a_chained_three_stage_sweep_starts_stage2_after_its_inputs(tmp_path):
     for path in results:
         assert json.loads(path.read_text())["timing"]["started_at"] >= inputs_done, path
     assert not list(tmp_path.glob("sweeps/*/*/FAILED"))
+    # Submitted again: stage 1 and stage 2 are done and not submitted (their job-id files empty,
+    # so nothing waits on them); translation jobs find their caches complete and end.
+    written = {p: p.stat().st_mtime_ns for p in results}
+    again = subprocess.run(done.args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert "1 of 1 job(s) of the sweep already done" in output and "2 of 2 job(s) of the sweep already done" in output
+    assert [p.read_text().strip() for p in sorted(max(tmp_path.glob("chains/demo-*")).glob("stage*.ids"))] == ["", ""]
+    assert {p: p.stat().st_mtime_ns for p in results} == written
 
 
 def test_a_stage_waits_for_the_earlier_ones_to_end_not_to_succeed(tmp_path):
@@ -177,3 +186,20 @@ def test_a_stage_waits_for_the_earlier_ones_to_end_not_to_succeed(tmp_path):
     assert job.returncode == 0, output[-3000:]
     assert f"after {failed}" in output
     assert list(tmp_path.glob("runs/demo/tiny-bert/gold/lora/dma/seed100-*/results.json"))
+
+
+def test_a_sweep_submitted_again_submits_only_the_jobs_not_done(tmp_path):
+    """Submitting a sweep again (after failures, pre-emptions or with more methods) spends no GPU
+    allocation on the jobs that finished: they are not submitted, and the summary still lists them."""
+    common = [sys.executable, str(ROOT / "run.py"), *LAUNCH, "data.max_train=48", "train.epochs=1", "stage1.epochs=1",
+              f"output_dir={tmp_path}"]
+    first = subprocess.run([*common, "method=lora"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([*common, "method=lora,zero_shot"], cwd=tmp_path, env=_env(), capture_output=True,
+                           text=True, timeout=900)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    assert "1 of 2 job(s) of the sweep already done: not submitted" in output and "(1 jobs)" in output
+    summary = max(tmp_path.glob("sweeps/*/summary.csv"), key=lambda p: p.stat().st_mtime)
+    assert sorted(line.split(",")[3] for line in summary.read_text().splitlines()[1:]) == ["lora", "zero_shot"]

@@ -142,3 +142,23 @@ def test_an_evaluate_sweep_points_at_the_sensitivity_table(tmp_path, capsys):
                                    "experiment_name": "nusax_cpu_sensitivity"})
         SweepSummary().on_multirun_end(config)
         assert expected in capsys.readouterr().out
+
+
+def test_a_job_knows_whether_its_work_is_done(tmp_path):
+    """``finished``: what a SLURM sweep leaves out when it submits (a run's results of the same
+    settings, an evaluation of the run now in place, a cached stage 1; never with force=true)."""
+    from flare_exp.pipeline import finished, run
+    from test_pipeline import SMALL, make_cfg
+
+    base = ["model=tiny-bert", "lang=dma", "method=flare", *SMALL]
+    stages = {stage: make_cfg([*base, f"stage={stage}"], tmp_path) for stage in ("run", "stage1", "stage2", "evaluate")}
+    assert not any(finished(cfg) for cfg in stages.values())
+    run(stages["stage1"])
+    assert finished(stages["stage1"]) and not finished(stages["run"])
+    run(stages["run"])
+    assert finished(stages["run"]) and finished(stages["stage2"]) and not finished(stages["evaluate"])
+    assert not finished(make_cfg([*base, "train.lr=0.002"], tmp_path))  # other settings: another run
+    assert not finished(make_cfg([*base, "force=true"], tmp_path))
+    run(stages["evaluate"])
+    assert finished(stages["evaluate"]) and not finished(make_cfg([*base, "stage=evaluate", "source=empty"], tmp_path))
+    assert not finished(make_cfg([*base, "stage=translate", "mt=fake"], tmp_path))

@@ -23,14 +23,15 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
 
 class TolerantSlurmLauncher(SlurmLauncher):
-    def submit(self, job_overrides, initial_job_idx) -> list:
-        """One job array of the sweep's jobs (hydra-submitit-launcher's parameters); its jobs."""
+    def submit(self, numbered: list[tuple[int, list[str]]]) -> list:
+        """One job array of the sweep's jobs ((number, overrides); hydra-submitit-launcher's
+        parameters); its jobs."""
         import submitit
 
         init_keys = {"submitit_folder", "max_num_timeout"}
@@ -50,31 +51,62 @@ class TolerantSlurmLauncher(SlurmLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
         params = []
-        for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+        for number, overrides in numbered:
             log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
             params.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()))
-        jobs = executor.map_array(self, *zip(*params))
-        if chain.get("ids_file"):
+        jobs = executor.map_array(self, *zip(*params)) if params else []
+        if chain.get("ids_file"):  # empty where nothing was submitted: a later stage then waits for nothing
             ids = Path(chain["ids_file"])
             ids.parent.mkdir(parents=True, exist_ok=True)
             ids.write_text(" ".join(sorted({job.job_id.split("_")[0] for job in jobs})) + "\n")
-        log.info(f"Submitted SLURM job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} jobs)"
-                 + (f", after {' '.join(after)}" if after else ""))
+        if jobs:
+            log.info(f"Submitted SLURM job array {jobs[0].job_id.split('_')[0]} ({len(jobs)} jobs)"
+                     + (f", after {' '.join(after)}" if after else ""))
         return jobs
 
     def launch(self, job_overrides, initial_job_idx):
-        jobs = self.submit(job_overrides, initial_job_idx)
+        """Submit the jobs whose work is not done yet (``flare_exp.pipeline.finished``: a run's or
+        an evaluation's results, a cached stage 1): a sweep submitted again after failures or
+        pre-emptions spends no GPU allocation on the jobs that had finished."""
+        numbered = list(enumerate(job_overrides, start=initial_job_idx))
+        todo = [(number, overrides) for number, overrides in numbered if not self._finished(number, overrides)]
+        if len(todo) < len(numbered):
+            log.info(f"{len(numbered) - len(todo)} of {len(numbered)} job(s) of the sweep already done: not submitted "
+                     "(force=true reruns them)")
+        jobs, submitted = self.submit(todo), {number for number, _ in todo}
+        done = [self.completed(overrides) for number, overrides in numbered if number not in submitted]
         if not (self.config.get("chain") or {}).get("wait", True):
-            return [self.submitted(job) for job in jobs]
-        return [self.result(job) for job in jobs]
+            return done + [self.submitted(job) for job in jobs]
+        return done + [self.result(job) for job in jobs]
+
+    def _finished(self, number: int, overrides) -> bool:
+        """Whether the job's work is done; a finished run's job folder then points at its results,
+        so that the sweep's summary lists it."""
+        from flare_exp.pipeline import finished
+        from flare_exp.results import POINTER, run_dir, write_json_atomic
+
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            del cfg["hydra"]
+        if not finished(cfg):
+            return False
+        if cfg.stage in ("run", "stage2"):
+            write_json_atomic(Path(str(self.config.hydra.sweep.dir)) / str(number) / POINTER,
+                              {"results": str(run_dir(cfg) / "results.json")})
+        return True
 
     @staticmethod
-    def submitted(job) -> JobReturn:
-        """A completed return without a value: for a job submitted and not waited for (its results
-        come later), or one that died without a result (its FAILED marker carries the failure)."""
-        returned = JobReturn(overrides=list(job.submission().args[0]), status=JobStatus.COMPLETED)
+    def completed(overrides) -> JobReturn:
+        """The return of a job not submitted because its work was done."""
+        returned = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
         returned._return_value = None
         return returned
+
+    @classmethod
+    def submitted(cls, job) -> JobReturn:
+        """A completed return without a value: for a job submitted and not waited for (its results
+        come later), or one that died without a result (its FAILED marker carries the failure)."""
+        return cls.completed(job.submission().args[0])
 
     def result(self, job) -> JobReturn:
         """The job's return, or for a job that died without one a FAILED marker in its folder and
