@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .flare.calls import CallSlot, TwoPassModel
-from .flare.layers import MissingSourceError
+from .flare.layers import MissingSourceError, SourcePassDone
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -120,6 +120,8 @@ class XMixupModel(TwoPassModel):
                 )
             if call.mode == "source":
                 call.records[index] = hidden.detach()
+                if len(call.records) == len(self.mixers):  # the later layers and the head are not needed
+                    raise SourcePassDone
                 return None
             source = call.records[index]
             if source.shape[0] != hidden.shape[0]:
@@ -131,7 +133,8 @@ class XMixupModel(TwoPassModel):
 
     def source_pass(self, source_input_ids, source_attention_mask) -> MixupCall:
         """A new call holding the English hidden states of the mixing layers (stage-2 adapter
-        off, no gradients, eval mode; train mode and the active call restored whatever happens)."""
+        off, no gradients, eval mode; it stops after the last mixing layer; train mode and the
+        active call restored whatever happens)."""
         call = MixupCall()
         hf = self.hf_model
         was_training = hf.training
@@ -142,6 +145,8 @@ class XMixupModel(TwoPassModel):
                     hf.get_encoder()(input_ids=source_input_ids, attention_mask=source_attention_mask)
                 else:
                     hf(input_ids=source_input_ids, attention_mask=source_attention_mask)
+        except SourcePassDone:
+            pass
         finally:
             hf.train(was_training)
         call.mode, call.source_mask = "target", source_attention_mask

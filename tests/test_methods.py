@@ -123,6 +123,22 @@ def test_xmixup_ratio_stays_below_lambda0_and_trains(tmp_path):
     assert all(p.requires_grad for p in model.mixers.parameters())
 
 
+def test_the_xmixup_source_pass_stops_after_the_last_mixing_layer(tmp_path):
+    """Only the mixing layers' English states are read: the source pass runs no later layer (nor
+    the LM head); the target pass runs them all."""
+    cfg = _demo_cfg("tiny-llama", "xmixup", tmp_path)
+    tokenizer, stage1 = _stage1(cfg, tmp_path)
+    model = XMixupModel(get_peft_model(stage1.merge_and_unload(), _lora_config(cfg.model, cfg.train), adapter_name="stage2"),
+                        "stage2", layers=[0], lambda0=0.5)
+    batch = make_batcher(cfg, tokenizer)(load_examples("demo", "dmb", "train")[:4], load_examples("demo", "en", "train")[:4])
+    hf = model.hf_model
+    runs = {"layer 0": 0, "layer 1": 0, "head": 0}
+    for name, module in (("layer 0", hf.model.layers[0]), ("layer 1", hf.model.layers[1]), ("head", hf.lm_head)):
+        module.register_forward_pre_hook(lambda *_, name=name: runs.__setitem__(name, runs[name] + 1))
+    model(**batch)
+    assert runs == {"layer 0": 2, "layer 1": 1, "head": 1}
+
+
 def test_flare_mt_trains_the_projection_and_keeps_the_mt_encoder_frozen(tmp_path):
     cfg = _demo_cfg("tiny-bert", "flare_mt", tmp_path, ["++method.encoder=tiny"])
     tokenizer, stage1 = _stage1(cfg, tmp_path)
