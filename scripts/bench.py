@@ -43,7 +43,7 @@ from bench_memory import Memory  # noqa: E402
 from flare_exp.evaluate import autocast  # noqa: E402
 from flare_exp.flare import FUSIONS, enable_gradient_checkpointing  # noqa: E402
 from flare_exp.flare.mt import load_mt_encoder  # noqa: E402
-from flare_exp.train import _optimization  # noqa: E402
+from flare_exp.train import _optimization, training_loss  # noqa: E402
 from flare_exp.translate import build_tiny_nllb  # noqa: E402
 
 ALL_METHODS = ["lora", *[f"flare-{f}" for f in FUSIONS if f != "none"], "flare_mt", "input_fusion", "xmixup"]
@@ -209,11 +209,13 @@ def check_targets(result: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def train_step(model, optimizer, batch: dict, precision: str | None = None) -> None:
+def train_step(model, optimizer, batch: dict, precision: str | None = None, answers_at_end: bool = False) -> None:
+    """One optimizer step with the pipeline's loss (``answers_at_end``: from the answer positions'
+    logits alone, as for a decoder's classification batch)."""
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     with autocast(device, precision):
-        loss = model(**batch).loss
+        loss = training_loss(model, batch, answers_at_end)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

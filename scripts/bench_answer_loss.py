@@ -21,20 +21,10 @@ import torch
 from transformers import PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import MODELS, batch_for, build, timed  # noqa: E402
+from bench import MODELS, batch_for, build, timed, train_step  # noqa: E402
 from bench_memory import Memory  # noqa: E402
 
-from flare_exp.evaluate import autocast  # noqa: E402
-from flare_exp.train import _optimization, answers_last, training_loss  # noqa: E402
-
-
-def step(model, optimizer, batch: dict, answers_at_end: bool, precision: str | None) -> None:
-    model.train()
-    with autocast(next(p for p in model.parameters() if p.requires_grad).device, precision):
-        loss = training_loss(model, batch, answers_at_end)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+from flare_exp.train import _optimization, answers_last  # noqa: E402
 
 
 def main() -> None:
@@ -72,7 +62,7 @@ def main() -> None:
             batch = {k: v.to(device) for k, v in batch.items()}
             for answer_only in ((True, False) if rep % 2 == 0 else (False, True)):
                 before = memory.start()
-                seconds = timed(lambda: step(model, optimizer, batch, answer_only, args.autocast), device)
+                seconds = timed(lambda: train_step(model, optimizer, batch, args.autocast, answer_only), device)
                 if rep >= args.warmup:
                     times[answer_only].append(seconds)
                     peaks[answer_only].append(memory.peak() - before)
@@ -80,7 +70,6 @@ def main() -> None:
         all_mb, answer_mb = max(peaks[False]) / 2**20, max(peaks[True]) / 2**20
         print(f"{method}: step {all_s:.3f} s -> {answer_s:.3f} s (x{answer_s / all_s:.3f}); "
               f"step's peak above the held memory {all_mb:.0f} MB -> {answer_mb:.0f} MB (x{answer_mb / all_mb:.3f})")
-        del model, optimizer
 
 
 if __name__ == "__main__":

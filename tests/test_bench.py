@@ -77,3 +77,15 @@ def test_check_targets_judges_each_limit():
         "FLARE MT <= 1.15 x LoRA beyond the MT encoder's forward": True,
         "data loading (spread over an epoch's batches) and collation under 5% of a FLARE step": False,
     }
+
+
+def test_the_answer_loss_benchmark_compares_both_losses_for_each_method():
+    """scripts/bench_answer_loss.py: one line per method with both step times and their ratio."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_answer_loss.py"), "--model", "tiny", "--batch",
+                           "2", "--length", "16", "--reps", "1", "--warmup", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if " s -> " in line]
+    assert [line.split(":")[0] for line in lines] == ["lora", "flare-add_relu"]
+    assert all(" (x" in line and " MB -> " in line for line in lines)
