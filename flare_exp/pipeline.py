@@ -316,7 +316,7 @@ def _validation(cfg: DictConfig, method, model, batcher, translator, device) -> 
     return Validation(validate, cfg.train.get("eval_every"), cfg.task.get("select", "best"))
 
 
-def _finished(out: Path, identity: dict, force: bool) -> dict | None:
+def _finished(out: Path, identity: dict, force: bool, quiet: bool = False) -> dict | None:
     """The record of this run if it finished earlier with the same identity (and not ``force``)."""
     path = out / "results.json"
     if force or not path.is_file():
@@ -324,7 +324,8 @@ def _finished(out: Path, identity: dict, force: bool) -> dict | None:
     result = json.loads(path.read_text())
     if result.get("identity") != identity:
         raise ConfigError(f"{out} holds a run of other settings: move it away, or rerun it with force=true.")
-    print(f"[skipped: finished earlier with these settings, force=true reruns it] {summary_line(result)}")
+    if not quiet:
+        print(f"[skipped: finished earlier with these settings, force=true reruns it] {summary_line(result)}")
     return result
 
 
@@ -346,7 +347,7 @@ def _evaluated(folder: Path, out: Path, force: bool, quiet: bool = False) -> dic
 def finished(cfg: DictConfig) -> bool:
     """Whether this job would find its work done and skip it (``force`` unset): a run's or an
     evaluation's results of these settings, a stage 1 in the cache. A SLURM sweep submits only
-    the other jobs. (Translation jobs count as never done: one whose cache is complete reads it
+    the other jobs, and a run folder holding other settings stops it before it submits any. (Translation jobs count as never done: one whose cache is complete reads it
     and ends without loading the MT model.)"""
     if cfg.force or cfg.stage == "translate":
         return False
@@ -355,8 +356,7 @@ def finished(cfg: DictConfig) -> bool:
     out = run_dir(cfg)
     if cfg.stage == "evaluate":
         return _evaluated(out / "sources" / source_label(cfg), out, force=False, quiet=True) is not None
-    path = out / "results.json"
-    return path.is_file() and json.loads(path.read_text()).get("identity") == run_identity(cfg)
+    return _finished(out, run_identity(cfg), force=False, quiet=True) is not None
 
 
 def save_adapter(model, out: Path) -> None:

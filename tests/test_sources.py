@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import random
 
 import pytest
@@ -147,7 +148,8 @@ def test_an_evaluate_sweep_points_at_the_sensitivity_table(tmp_path, capsys):
 def test_a_job_knows_whether_its_work_is_done(tmp_path):
     """``finished``: what a SLURM sweep leaves out when it submits (a run's results of the same
     settings, an evaluation of the run now in place, a cached stage 1; never with force=true)."""
-    from flare_exp.pipeline import finished, run
+    from flare_exp.pipeline import ConfigError, finished, run
+    from flare_exp.results import run_dir
     from test_pipeline import SMALL, make_cfg
 
     base = ["model=tiny-bert", "lang=dma", "method=flare", *SMALL]
@@ -162,3 +164,9 @@ def test_a_job_knows_whether_its_work_is_done(tmp_path):
     run(stages["evaluate"])
     assert finished(stages["evaluate"]) and not finished(make_cfg([*base, "stage=evaluate", "source=empty"], tmp_path))
     assert not finished(make_cfg([*base, "stage=translate", "mt=fake"], tmp_path))
+    # A run folder holding other settings (edited by hand, copied): the job would refuse to run,
+    # so the sweep stops before submitting it.
+    results = run_dir(stages["run"]) / "results.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "identity": {"other": 1}}))
+    with pytest.raises(ConfigError, match="holds a run of other settings"):
+        finished(stages["stage2"])
