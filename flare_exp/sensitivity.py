@@ -22,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 from .metrics import invalid_share
 from .pipeline import source_label
 from .results import run_dir
-from .tables import CONF, method_order, split_experiment, sweep_configs
+from .tables import CONF, format_cell, method_order, split_experiment, sweep_configs
 
 
 def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[dict]]:
@@ -56,18 +56,25 @@ def collect(experiment: str, overrides: list[str]) -> tuple[pd.DataFrame, list[d
 
 
 def table(frame: pd.DataFrame, value: str = "score") -> str:
-    """Methods x sources: the mean ``value`` over languages and seeds (runs; ``score``, or
-    ``invalid``: the share of outputs naming no label), and the English's chrF."""
+    """Methods x sources: ``value`` (``score``, or ``invalid``: the share of outputs naming no
+    label) averaged over the languages of each seed, then its mean ± std over seeds (as the main
+    tables: ± only with several seeds), the number of runs in brackets; and the English's chrF."""
     modes = ["as_trained", "noised", "mismatched", "target", "empty", "(none)"]
     sources = sorted(set(frame["source"]), key=lambda s: (next(i for i, m in enumerate(modes) if s.startswith(m)), s))
-    scores = frame.pivot_table(index="method", columns="source", values=value, aggfunc="mean")
-    runs = frame.pivot_table(index="method", columns="source", values=value, aggfunc="count")
+    per_seed = frame.groupby(["method", "source", "seed"])[value].mean().groupby(["method", "source"])
+    cells = pd.DataFrame({"mean": per_seed.mean(), "std": per_seed.std().fillna(0.0), "seeds": per_seed.count(),
+                          "runs": frame.groupby(["method", "source"])[value].count()})
     chrf = frame[frame["method"] != "lora"].groupby("source")["chrf"].mean()
     lines = ["| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
-    for method in method_order(scores.index):
-        cells = [f"{scores.loc[method, s]:.2f} ({int(runs.loc[method, s])})" if s in scores and
-                 not pd.isna(scores.loc[method, s]) else "–" for s in sources]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method in method_order(set(frame["method"])):
+        row = []
+        for source in sources:
+            if (method, source) not in cells.index:
+                row.append("–")
+                continue
+            c = cells.loc[(method, source)]
+            row.append(format_cell(c["mean"], c["std"], int(c["seeds"]), False, False, str(int(c["runs"]))))
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
     lines.append("| chrF of the English | " + " | ".join(f"{chrf[s]:.1f}" if s in chrf else "–" for s in sources) + " |")
     return "\n".join(lines) + "\n"
 
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         markdown += "\nOutputs naming no label (%):\n\n" + table(frame, "invalid")
     (folder / "sensitivity.md").write_text(markdown)
     plot(frame, folder / "sensitivity.png")
-    print(f"{experiment}: mean over languages and seeds (runs in brackets); written to {folder}\n")
+    print(f"{experiment}: the average over languages, mean ± std over seeds (runs in brackets); written to {folder}\n")
     print(markdown)
 
 

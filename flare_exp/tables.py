@@ -175,9 +175,7 @@ def summary(frame: pd.DataFrame, metric: str, languages: int | None = None, seed
     return out
 
 
-
-
-def _cell(mean: float, std: float, seeds: int, bold: bool, latex: bool, coverage: str = "") -> str:
+def format_cell(mean: float, std: float, seeds: int, bold: bool, latex: bool, coverage: str = "") -> str:
     text = f"{mean:.2f}" + (f" ± {std:.2f}" if seeds > 1 else "") + (f" ({coverage})" if coverage else "")
     if latex:
         text = text.replace("±", r"$\pm$")
@@ -203,7 +201,7 @@ def paper_table(table: pd.DataFrame, latex: bool = False) -> str:
                 row += ["–", "–", "–"]
                 continue
             r = hit.iloc[0]
-            row.append(_cell(r["mean"], r["std"], int(r["seeds"]), [model, method] in best, latex, r.get("coverage", "")))
+            row.append(format_cell(r["mean"], r["std"], int(r["seeds"]), [model, method] in best, latex, r.get("coverage", "")))
             row.append("–" if pd.isna(r["paper"]) else f"{r['paper']:.2f}")
             row.append("–" if pd.isna(r["difference"]) else f"{r['difference']:+.2f}")
         rows.append(row)

@@ -132,6 +132,25 @@ def test_the_sensitivity_table_can_give_the_share_of_invalid_outputs():
     assert "| lora | – | – | 1.00 (1) |" in invalid
 
 
+def test_the_sensitivity_table_gives_mean_and_std_over_seeds_of_the_average_over_languages():
+    """As the main tables: each seed's average over its languages, then mean ± std over seeds
+    (not the mean of all runs, which would weigh a seed by its number of languages)."""
+    import pandas as pd
+
+    from flare_exp.sensitivity import table
+
+    def row(lang, seed, score, source="as_trained", method="flare"):
+        return {"method": method, "lang": lang, "seed": seed, "source": source, "score": score, "invalid": 0.0,
+                "chrf": 100.0, "metric": "macro_f1"}
+
+    frame = pd.DataFrame([row("jav", 100, 80.0), row("sun", 100, 70.0), row("jav", 101, 90.0),
+                          row("jav", 100, 30.0, "empty"), row("jav", 100, 60.0, "(none)", "lora"),
+                          row("jav", 101, 64.0, "(none)", "lora")])
+    markdown = table(frame)
+    assert "| flare | 82.50 ± 10.61 (3) | 30.00 (1) | – |" in markdown  # (75 + 90) / 2; std of 75, 90
+    assert "| lora | – | – | 62.00 ± 2.83 (2) |" in markdown
+
+
 def test_an_evaluate_sweep_points_at_the_sensitivity_table(tmp_path, capsys):
     from omegaconf import OmegaConf
 
