@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 
 from .methods import method_for
@@ -52,6 +52,15 @@ def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: b
     return stages
 
 
+def chain_folder(output: str, experiment: str) -> Path:
+    """A new folder for a chain's job-id files (its stages' sweep folders take its name), named by
+    the time to the microsecond and created here: two chains started in the same second (a script
+    submitting several) never share one."""
+    folder = Path(output).resolve() / "chains" / f"{experiment}-{datetime.now().strftime('%Y-%m-%d_%H-%M-%S-%f')}"
+    folder.mkdir(parents=True)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="+", help="experiment=<name> and any Hydra overrides")
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     experiment, rest = split_experiment(args.overrides)
     output = next((o.split("=", 1)[1] for o in rest if o.startswith("output_dir=")), "outputs")
-    ids = Path(output).resolve() / "chains" / f"{experiment}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    ids = chain_folder(output, experiment)
     for stage, command in stage_commands(experiment, rest, args.launcher, args.wait, ids):
         print(f"== {stage}: run.py {' '.join(command[2:])}", flush=True)
         done = subprocess.run([sys.executable, *command])

@@ -68,3 +68,23 @@ def test_gold_experiments_have_no_translation_stage(tmp_path):
                                                          "hydra.sweeper.params.seed=100"], "local", wait=False,
                                            ids=tmp_path)]
     assert stages == ["stage1", "stage2"]
+
+
+def test_two_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path):
+    """Runs, sweeps and chains are named by the time to the microsecond (to the second, two
+    sweeps a script started together shared one folder: each overwrote the other's job folders
+    and its summary mixed both); a chain's folder is created, never reused."""
+    import re
+    from datetime import datetime
+
+    from omegaconf import OmegaConf
+
+    from flare_exp.sweep import chain_folder
+
+    hydra = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "config.yaml").hydra, resolve=False)
+    for key in ("run", "sweep"):
+        pattern = re.search(r"\$\{now:([^}]*)\}", hydra[key]["dir"]).group(1)
+        first, second = (datetime(2026, 11, 26, 21, 34, 50, micro).strftime(pattern) for micro in (120_000, 870_000))
+        assert first != second, key
+    first, second = chain_folder(str(tmp_path), "demo"), chain_folder(str(tmp_path), "demo")
+    assert first != second and first.is_dir() and second.is_dir()
