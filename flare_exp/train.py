@@ -240,12 +240,10 @@ def training_loss(runner, batch: dict, answers_at_end: bool = False) -> torch.Te
     cross-entropy of the answer tokens from the logits of only the positions that predict them:
     the model's own loss would run the LM head and a vocabulary-wide softmax over every prompt
     position too (most of a classification prompt), for no gradient. (The model does not see
-    ``labels`` then, so a fused batch must carry its ``target_prompt_lengths``, as the batcher's do.)"""
+    ``labels`` then: a fused batch carries its ``target_prompt_lengths``, as the batcher's do.)"""
     labels = batch.get("labels")
     if not answers_at_end or labels is None:
         return runner(**batch).loss
-    if {"source_input_ids", "source_states"} & batch.keys() and "target_prompt_lengths" not in batch:
-        raise ValueError("A fused decoder batch trained on its answers alone needs target_prompt_lengths.")
     length = labels.shape[1]
     first = int((labels != -100).any(0).int().argmax())  # the first column holding an answer token
     keep = min(length - first + 1, length)  # position p predicts token p + 1
