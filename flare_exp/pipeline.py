@@ -347,8 +347,9 @@ def _evaluated(folder: Path, out: Path, force: bool, quiet: bool = False) -> dic
 def finished(cfg: DictConfig) -> bool:
     """Whether this job would find its work done and skip it (``force`` unset): a run's or an
     evaluation's results of these settings, a stage 1 in the cache. A SLURM sweep submits only
-    the other jobs, and a run folder holding other settings stops it before it submits any. (Translation jobs count as never done: one whose cache is complete reads it
-    and ends without loading the MT model.)"""
+    the other jobs, and a run folder holding other settings stops it before it submits any.
+    (Translation jobs count as never done: one whose cache is complete reads it and ends without
+    loading the MT model.)"""
     if cfg.force or cfg.stage == "translate":
         return False
     if cfg.stage == "stage1":
