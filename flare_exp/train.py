@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .flare.alignment import prompt_lengths
 from .flare.calls import enable_gradient_checkpointing
 
 PRECISIONS = {None: "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -240,10 +241,13 @@ def training_loss(runner, batch: dict, answers_at_end: bool = False) -> torch.Te
     cross-entropy of the answer tokens from the logits of only the positions that predict them:
     the model's own loss would run the LM head and a vocabulary-wide softmax over every prompt
     position too (most of a classification prompt), for no gradient. (The model does not see
-    ``labels`` then: a fused batch carries its ``target_prompt_lengths``, as the batcher's do.)"""
+    ``labels`` then: a fused batch carries its ``target_prompt_lengths``, as the batcher's do, or
+    gets them from its labels here.)"""
     labels = batch.get("labels")
     if not answers_at_end or labels is None:
         return runner(**batch).loss
+    if batch.get("source_input_ids") is not None and batch.get("target_prompt_lengths") is None:
+        batch = {**batch, "target_prompt_lengths": prompt_lengths(batch["attention_mask"], labels)}
     length = labels.shape[1]
     first = int((labels != -100).any(0).int().argmax())  # the first column holding an answer token
     keep = min(length - first + 1, length)  # position p predicts token p + 1

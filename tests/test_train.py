@@ -166,12 +166,13 @@ def test_grouped_epochs_replay_identically_for_a_resume():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-@pytest.mark.parametrize("fused", [False, True], ids=["lora", "flare"])
+@pytest.mark.parametrize("fused", [False, "given", "derived"], ids=["lora", "flare", "flare-no-prompt-lengths"])
 def test_the_answer_only_loss_equals_the_models_own_loss_and_gradients(family, fused):
     """A decoder batch ends every row with its answer (left padding; answers of 1-3 tokens after
     prompts of several lengths): ``training_loss`` computes the logits of the answer positions
     alone, and its loss and every gradient equal the model's own loss over the whole sequence
-    (transformers' causal-LM loss; Gemma 2 soft-caps its logits)."""
+    (transformers' causal-LM loss; Gemma 2 soft-caps its logits). A fused batch without its
+    ``target_prompt_lengths`` gets them from its labels, as the model's own forward does."""
     from peft import LoraConfig, get_peft_model
 
     from flare_exp.flare import FlareConfig, get_flare_model
@@ -193,8 +194,9 @@ def test_the_answer_only_loss_equals_the_models_own_loss_and_gradients(family, f
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if fused:
         source_ids, source_mask = padded_batch([7, 5, 10, 3], "left", seed=6)
-        batch.update(source_input_ids=source_ids, source_attention_mask=source_mask,
-                     target_prompt_lengths=mask.sum(1) - torch.tensor(answers))
+        batch.update(source_input_ids=source_ids, source_attention_mask=source_mask)
+        if fused == "given":
+            batch["target_prompt_lengths"] = mask.sum(1) - torch.tensor(answers)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     batcher = type("DecoderBatcher", (), {"kind": "decoder"})()

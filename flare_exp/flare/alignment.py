@@ -119,6 +119,15 @@ def _common_width_shift(target_mask: torch.Tensor, source_mask: torch.Tensor, an
     return (width - target_len if target_left else 0) - (width - source_len if source_left else 0)
 
 
+def prompt_lengths(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Real tokens before each row's first label that is not -100 (a causal batch's prompt)."""
+    real = attention_mask.bool()
+    answer = (labels != -100) & real
+    first = torch.where(answer.any(1), answer.int().argmax(1), labels.shape[1])  # first answer position
+    before = torch.arange(labels.shape[1], device=labels.device)[None, :] < first[:, None]
+    return (before & real).sum(1)
+
+
 def last_source_position(source_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real source token of each row (the state every decoding step fuses)."""
     first, length = _span(source_mask)

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .alignment import build_source_index, last_source_position
+from .alignment import build_source_index, last_source_position, prompt_lengths
 from .calls import CallSlot, TwoPassModel
 from .config import FlareConfig, resolve_fuse_modules
 from .fusion import SEQUENCE_FUSIONS, make_fusion
@@ -150,11 +150,7 @@ class FlareModel(TwoPassModel):
         """Real tokens before the first label that is not -100, for causal LMs (None otherwise)."""
         if not self.causal or labels is None or labels.shape != attention_mask.shape:
             return None
-        real = attention_mask.bool()
-        answer = (labels != -100) & real
-        first = torch.where(answer.any(1), answer.int().argmax(1), labels.shape[1])  # first answer position
-        before = torch.arange(labels.shape[1], device=labels.device)[None, :] < first[:, None]
-        return (before & real).sum(1)
+        return prompt_lengths(attention_mask, labels)
 
     # -- forward and generate --------------------------------------------------------------
     def forward(
