@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from flare_exp.metrics import exact_match, normalize_answer, qa_metrics, token_f1
