@@ -39,6 +39,17 @@ def _env():
                 WANDB_MODE="disabled")
 
 
+@pytest.fixture(autouse=True)
+def _queue_emptied_after():
+    """Whatever a test leaves in the queue (a failed one its still running jobs) is cancelled before
+    the next starts: a job left running would be taken for the next test's."""
+    yield
+    subprocess.run(["scancel", "--partition=debug"], check=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        time.sleep(1)
+
+
 def test_two_job_array_through_the_slurm_launcher(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "run.py"), *LAUNCH, "method=lora,flare", "data.max_train=48",
                            "train.epochs=1", "stage1.epochs=1", f"output_dir={tmp_path}"], cwd=tmp_path, env=_env(),
@@ -87,7 +98,7 @@ def test_a_killed_job_is_reported_and_the_others_finish(tmp_path):
 
     killed = _scancel_when(job, flare_in_stage1)
     assert killed, "the FLARE job never ran long enough to be killed"
-    output, _ = job.communicate(timeout=300)  # bounded: the dead job is seen, not waited on
+    output, _ = job.communicate(timeout=600)  # bounded: the dead job is seen, not waited on
     assert job.returncode == 1, output[-3000:]
     assert f"SLURM job {killed}" in output and "CANCELLED" in output
     assert "1 of 2 job(s) of the sweep failed; the others finished" in output
