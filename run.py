@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from transformers.utils import logging as hf_logging
 
 from flare_exp.data import DataError
-from flare_exp.pipeline import ConfigError, run
+from flare_exp.errors import ConfigError
+from flare_exp.stages import run
 
 
 # peft 0.21 still asks transformers 5 for the deprecated `is_gradient_checkpointing`.

@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import classification_metrics, parse_label, qa_metrics
-from .train import example_length, length_grouped
-from .train import to_device as _to
+from .data.batching import example_length, length_grouped
+from .data.batching import to_device as _to
 
 
 def autocast(device, dtype: str | None):

@@ -1,29 +1,28 @@
-"""The methods of the paper's tables, one class each: the only reader of ``cfg.method``.
+"""The methods of the paper's tables: the one registry that tables, planner, benchmark, pipeline
+and tests derive from, and the only reader of ``cfg.method``. Imports no model library.
 
-A method says what stage 2 trains (nothing, a LoRA adapter, FLARE, ...), whether the model reads
-the English version of each example in its forward, what the test inputs are, how its stage-2
-model is built from the stage-1 model, and its label (its name plus the settings that differ
-from the defaults, which names its run directory). Adding a method: one class registered here
-under its name, and one config file ``conf/method/<name>.yaml`` with ``name: <name>`` and its
-settings.
+A method declares what it reads (the English version at training and at test, FLARE MT's
+encoder), what stage 2 trains (its ``adapter``, built by ``flare_exp.adapters``; None: nothing),
+its test inputs, its place and name in the tables, the throughput row the planner costs it by,
+and the variants the benchmark measures. Its label (its name plus the settings that differ from
+its config file's defaults) names its run directory.
+
+Adding a method: a class registered here (in the tables' row order) and ``conf/method/<name>.yaml``
+with ``name: <name>`` and its settings; a method whose stage 2 is a new kind of adapter also adds
+its builder to ``flare_exp/adapters.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from functools import lru_cache
+from pathlib import Path
 
-import torch
-from omegaconf import DictConfig
-from peft import LoraConfig, PeftModel, get_peft_model
+from omegaconf import DictConfig, OmegaConf
 
-from .data.collate import concatenate_inputs
-from .flare import FlareConfig, get_flare_model
-from .flare.model import keeps_stage1_adapter
-from .flare.mt import FlareMTModel
-from .xmixup import XMixupModel
+from .data.formats import concatenate_inputs
 
-STAGE2_ADAPTER = "stage2"
-METHODS: dict[str, type["Method"]] = {}
+CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
+METHODS: dict[str, type["Method"]] = {}  # in the paper's row order
 
 
 def register(cls):
@@ -32,50 +31,47 @@ def register(cls):
 
 
 def method_for(method_cfg: DictConfig) -> "Method":
-    """The method of a ``cfg.method`` config."""
-    if method_cfg.name not in METHODS:
-        raise ValueError(f"Unknown method {method_cfg.name!r}; choose one of {sorted(METHODS)}.")
-    return METHODS[method_cfg.name](method_cfg)
+    """The method of a ``cfg.method`` config; an unknown name is refused in one sentence."""
+    return method_class(method_cfg.name)(method_cfg)
 
 
-def lora_config(model_cfg: DictConfig, settings: DictConfig, modules_to_save=None) -> LoraConfig:
-    """The LoRA adapter of stage 1 (``settings``: ``cfg.stage1``) and of the LoRA-based stage-2
-    methods (``cfg.train``)."""
-    targets = model_cfg.lora_targets
-    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=targets if isinstance(targets, str) else list(targets),
-                      modules_to_save=modules_to_save)
+def method_class(name: str) -> type["Method"]:
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose one of {list(METHODS)}.")
+    return METHODS[name]
 
 
-def task_head(cfg: DictConfig) -> list[str] | None:
-    """The encoder's task head (``classifier``, or ``qa_outputs`` for QA), trained in full in
-    stage 1 and, where the model config says ``train_head`` (the official code: yes), in the
-    stage 2 of every method alike; None for generative models."""
-    if cfg.model.kind != "encoder":
-        return None
-    return ["qa_outputs"] if cfg.task.type == "qa" else ["classifier"]
-
-
-def _stage2_head(cfg: DictConfig) -> list[str] | None:
-    return task_head(cfg) if cfg.model.get("train_head", False) else None
-
-
-def _hidden_size(model) -> int:
-    config = model.config
-    return getattr(config, "hidden_size", None) or config.d_model
+@lru_cache(maxsize=None)
+def defaults(name: str) -> dict:
+    """The settings of ``conf/method/<name>.yaml``: what a label leaves unsaid."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
 
 
 class Method:
     """Zero-shot: the stage-1 model on the target test set."""
 
     name = "zero_shot"
-    trains = False                 # stage 2 trains an adapter
+    title = "zero-shot"            # its name in tables and plots
+    adapter: str | None = None     # what stage 2 trains (flare_exp.adapters); None: nothing
     english_in_forward = False     # the model reads the English version in its forward
     test_input = "target"          # target | english (translate-test) | fused (English + target)
-    needs_mt_encoder = False       # FLARE MT's frozen MT encoder
+    cost_row = "lora"              # the throughput row (docs/throughput.csv) of its steps (an
+    cost_measured = False          # evaluation-only method: LoRA's forward); whether it measures this method
+    bench: tuple[tuple[str, dict], ...] = ()  # (benchmark name, method settings) it is measured in
+    labelled: tuple[str, ...] = ()  # settings named in the label where they differ from the defaults
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+
+    @property
+    def trains(self) -> bool:
+        """Stage 2 trains an adapter."""
+        return self.adapter is not None
+
+    @property
+    def needs_mt_encoder(self) -> bool:
+        """FLARE MT's frozen MT encoder reads the target text."""
+        return self.adapter == "flare_mt"
 
     @property
     def reads_english_test(self) -> bool:
@@ -83,19 +79,27 @@ class Method:
         return self.english_in_forward or self.test_input in ("english", "fused")
 
     @property
+    def translations(self) -> list[tuple[str, str]]:
+        """The (split, direction) translations the method reads where the English is MT."""
+        return [("train", "en-x"), ("validation", "en-x")] * self.trains + [("test", "x-en")] * self.reads_english_test
+
+    @property
     def length_factor(self) -> int:
         return 2 if self.test_input == "fused" else 1
 
     @property
     def label(self) -> str:
-        return self.name
+        default = defaults(self.name)
+        parts = [self.label_part(key, self.cfg.get(key)) for key in self.labelled
+                 if self.cfg.get(key) != default.get(key)]
+        return "-".join([self.name, *filter(None, parts)])
 
-    def check(self, cfg: DictConfig) -> None:
+    def label_part(self, key: str, value) -> str | None:
+        """How a setting that differs from its default appears in the label (None: not at all)."""
+        return str(value)
+
+    def check(self) -> None:
         """Refuse settings that cannot run (ValueError, one sentence), before any model loads."""
-
-    def build(self, cfg: DictConfig, stage1: PeftModel, mt_encoder=None):
-        """The model to train and test, from the stage-1 model (``mt_encoder``: (encoder, width))."""
-        return stage1
 
     def inputs(self, targets: list[dict], english: list[dict] | None, fields: list[str], qa: bool):
         """(examples the batcher encodes, English examples the forward reads, or None)."""
@@ -116,6 +120,7 @@ class TranslateTest(Method):
     """The stage-1 model on the English translation of the target test set."""
 
     name = "translate_test"
+    title = "translate-test"
     test_input = "english"
 
 
@@ -124,37 +129,24 @@ class Lora(Method):
     """Translate-train: a fresh LoRA adapter on the target-language training data."""
 
     name = "lora"
-    trains = True
-
-    def build(self, cfg, stage1, mt_encoder=None):
-        torch.manual_seed(cfg.seed)
-        adapter = lora_config(cfg.model, cfg.train, _stage2_head(cfg))
-        if keeps_stage1_adapter(stage1):
-            # Merging would re-quantise 4-bit weights: stage 1 stays as a frozen adapter.
-            stage1.add_adapter(STAGE2_ADAPTER, adapter)
-            stage1.base_model.set_adapter([STAGE2_ADAPTER, stage1.active_adapter])
-            for name, param in stage1.named_parameters():
-                param.requires_grad_(f".{STAGE2_ADAPTER}." in name)
-            return stage1
-        return get_peft_model(stage1.merge_and_unload(), adapter, adapter_name=STAGE2_ADAPTER)
+    title = "LoRA"
+    adapter = "lora"
+    cost_measured = True
+    bench = (("lora", {}),)
 
 
 @register
-class InputFusion(Lora):
-    """English and target text concatenated into one input (double length), plain LoRA."""
-
-    name = "input_fusion"
-    test_input = "fused"
-
-
-@register
-class XMixup(Lora):
+class XMixup(Method):
     """LoRA with X-Mixup at ``layers`` (``lambda0``, ``heads``); English read in the forward."""
 
     name = "xmixup"
+    title = "X-Mixup"
+    adapter = "xmixup"
     english_in_forward = True
+    cost_row, cost_measured = "flare-add_relu", False  # an extra English forward, as FLARE's
+    bench = (("xmixup", {}),)
 
-    def check(self, cfg):
+    def check(self):
         if not 0 < float(self.cfg.lambda0) <= 1:
             raise ValueError(f"method.lambda0 must lie in (0, 1], got {self.cfg.lambda0}.")
         if int(self.cfg.heads) < 1:
@@ -163,62 +155,50 @@ class XMixup(Lora):
         if layers is not None and not all(isinstance(i, int) for i in ([layers] if isinstance(layers, int) else layers)):
             raise ValueError(f"method.layers must be layer indices (integers) or null, got {layers}.")
 
-    def build(self, cfg, stage1, mt_encoder=None):
-        model = super().build(cfg, stage1)
-        return XMixupModel(model, STAGE2_ADAPTER, layers=self.cfg.layers, lambda0=self.cfg.lambda0,
-                           heads=self.cfg.heads)
+
+@register
+class InputFusion(Method):
+    """English and target text concatenated into one input (double length), plain LoRA."""
+
+    name = "input_fusion"
+    title = "input fusion"
+    adapter = "lora"
+    test_input = "fused"
+    cost_row, cost_measured = "input_fusion", True
+    bench = (("input_fusion", {}),)
+
+
+FLARE_FUSIONS = ("add_relu", "add", "mul", "matmul", "matmul_relu", "cross_attention")  # benchmarked
 
 
 @register
-class Flare(Method):
-    """FLARE (``fusion``, ``heads``, ``alignment``, ``mask_source_padding``)."""
-
-    name = "flare"
-    trains = True
-    english_in_forward = True
-    LABELLED = ("fusion", "heads", "alignment", "mask_source_padding")  # named in the label when not default
-
-    @property
-    def label(self) -> str:
-        defaults = {f.name: f.default for f in dataclasses.fields(FlareConfig) if f.name in self.LABELLED}
-        parts = [self.name]
-        if self.cfg.fusion != defaults["fusion"]:
-            parts.append(self.cfg.fusion)
-        if self.cfg.fusion == "cross_attention" and self.cfg.heads != defaults["heads"]:
-            parts.append(f"h{self.cfg.heads}")
-        if self.cfg.alignment != defaults["alignment"]:
-            parts.append(self.cfg.alignment)
-        if self.cfg.mask_source_padding != defaults["mask_source_padding"]:
-            parts.append("unmasked")
-        return "-".join(parts)
-
-    def flare_config(self, cfg: DictConfig) -> FlareConfig:
-        targets = cfg.model.lora_targets
-        return FlareConfig(
-            r=cfg.train.r, alpha=cfg.train.alpha, dropout=cfg.train.dropout,
-            target_modules=targets if isinstance(targets, str) else list(targets),
-            fuse_modules=cfg.model.fuse_modules, fusion=self.cfg.fusion, heads=self.cfg.heads,
-            alignment=self.cfg.alignment, mask_source_padding=self.cfg.mask_source_padding,
-            modules_to_save=_stage2_head(cfg),
-        )
-
-    def check(self, cfg):
-        self.flare_config(cfg)  # unknown fusion, alignment, r, ... raise here
-
-    def build(self, cfg, stage1, mt_encoder=None):
-        torch.manual_seed(cfg.seed)
-        return get_flare_model(stage1, self.flare_config(cfg))
-
-
-@register
-class FlareMT(Flare):
+class FlareMT(Method):
     """FLARE MT: the frozen MT encoder (``encoder``) reads the target text; no English needed."""
 
     name = "flare_mt"
-    english_in_forward = False
-    needs_mt_encoder = True
+    title = "FLARE MT"
+    adapter = "flare_mt"
+    cost_row, cost_measured = "flare-add_relu", False  # the MT encoder's forward in the place of FLARE's
+    bench = (("flare_mt", {"encoder": "tiny"}),)
+    labelled = ("fusion", "heads", "alignment", "mask_source_padding")
 
-    def build(self, cfg, stage1, mt_encoder=None):
-        flare = super().build(cfg, stage1)
-        encoder, width = mt_encoder
-        return FlareMTModel(flare, encoder, width, _hidden_size(flare.hf_model))
+    def label_part(self, key, value):
+        if key == "heads":  # heads only matter to cross-attention
+            return f"h{value}" if self.cfg.fusion == "cross_attention" else None
+        return "unmasked" if key == "mask_source_padding" else str(value)
+
+
+@register
+class Flare(FlareMT):
+    """FLARE (``fusion``, ``heads``, ``alignment``, ``mask_source_padding``)."""
+
+    name = "flare"
+    title = "FLARE"
+    adapter = "flare"
+    english_in_forward = True
+    cost_measured = True
+    bench = tuple((f"flare-{fusion}", {"fusion": fusion}) for fusion in FLARE_FUSIONS)
+
+
+ORDER = tuple(METHODS)  # the paper's row order
+TITLES = {name: cls.title for name, cls in METHODS.items()}

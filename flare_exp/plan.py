@@ -21,11 +21,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .methods import method_for
-from .pairs import LazyTranslator, _cache
-from .results import run_dir
-from .stage1 import stage1_dir
-from .tables import split_experiment, sweep_configs
+from .methods import method_class, method_for
+from .record import STAGE1_RECORD, RESULTS, run_dir, stage1_dir, translation_cache
+from .report.experiments import split_experiment, sweep_configs
 
 THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
 # English training, validation and per-language test sizes of the paper's tasks (their dataset
@@ -39,11 +37,6 @@ SIZES = {
 }
 TRANSLATE_PER_S = 25.0  # examples a second through NLLB-200 3.3B on one GPU: an estimate, not measured
 STARTUP_S = 180.0  # a job's start: loading (and quantising) its models, an estimate, not measured
-# Methods without a row of their own: the nearest measured cost (an extra English forward for
-# X-Mixup and FLARE MT, as FLARE's).
-# Evaluation-only methods: LoRA's forward.
-MEASURED = {"lora": "lora", "flare": "flare-add_relu", "input_fusion": "input_fusion"}
-ROW_OF = {**MEASURED, "flare_mt": "flare-add_relu", "xmixup": "flare-add_relu"}
 
 
 def _size(task: str, split: str, lang: str) -> int:
@@ -55,14 +48,18 @@ def _throughput(path: Path = THROUGHPUT) -> dict:
     return {(r["model"], r["method"], r["gradient_checkpointing"] == "True"): r for r in csv.DictReader(path.open())}
 
 
-def _step(table: dict, cfg: DictConfig, method: str, settings: DictConfig) -> tuple[float, str]:
-    """(seconds per optimizer step, measured | estimate) of ``method`` on ``cfg``'s model."""
-    row = table.get((cfg.model.name, ROW_OF.get(method, "lora"), bool(settings.gradient_checkpointing)))
+def _step(table: dict, cfg: DictConfig, method, settings: DictConfig) -> tuple[float, str]:
+    """(seconds per optimizer step, measured | estimate) of ``method`` (its throughput row,
+    ``Method.cost_row``; stage 1 is costed as LoRA) on ``cfg``'s model."""
+    row = table.get((cfg.model.name, method.cost_row, bool(settings.gradient_checkpointing)))
     if row is None:
         return float("nan"), "no row"
     scale = (settings.batch_size / int(row["batch"])) * (cfg.task.max_length / int(row["length"]))
-    source = "measured" if row["source"] == "measured" and method in MEASURED else "estimate"
+    source = "measured" if row["source"] == "measured" and method.cost_measured else "estimate"
     return float(row["step_s"]) * scale * settings.grad_accum, source
+
+
+LORA = method_class("lora")  # stage 1 trains a LoRA adapter
 
 
 def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -> dict:
@@ -84,24 +81,21 @@ def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -
     for _, cfg in sweep_configs(experiment, overrides):
         method, task, lang = method_for(cfg.method), cfg.task.name, cfg.lang.code
         if cfg.mt.name != "gold":
-            translator = LazyTranslator(cfg, "cpu")
-            needs = [("train", "en-x"), ("validation", "en-x")] * method.trains
-            needs += [("test", "x-en")] * method.reads_english_test
-            for split, direction in needs:
-                path = _cache(cfg, split, direction, translator)
+            for split, direction in method.translations:
+                path = translation_cache(cfg, split, direction)
                 size = _size(task, split, "en" if direction == "en-x" else lang)
                 add("translate", path, path.is_file(), size / TRANSLATE_PER_S / 3600, "estimate")
         english = _size(task, "train", "en")
-        step, source = _step(table, cfg, "lora", cfg.stage1)
+        step, source = _step(table, cfg, LORA, cfg.stage1)
         steps = math.ceil(english / (cfg.stage1.batch_size * cfg.stage1.grad_accum)) * cfg.stage1.epochs
-        add("stage1", stage1_dir(cfg), (stage1_dir(cfg) / "stage1.json").is_file(),
+        add("stage1", stage1_dir(cfg), (stage1_dir(cfg) / STAGE1_RECORD).is_file(),
             (STARTUP_S + steps * step) / 3600, source)
-        step, source = _step(table, cfg, method.name, cfg.train)
+        step, source = _step(table, cfg, method, cfg.train)
         steps = math.ceil(english / (cfg.train.batch_size * cfg.train.grad_accum)) * cfg.train.epochs
         batches = math.ceil(_size(task, "test", lang) / cfg.train.batch_size) * method.length_factor
         evaluations = 10 * math.ceil(_size(task, "validation", lang) / cfg.train.batch_size) * method.trains
         hours = (STARTUP_S + (steps if method.trains else 0) * step + (batches + evaluations) * step / 3) / 3600
-        add("stage2", run_dir(cfg), (run_dir(cfg) / "results.json").is_file(), hours, source)
+        add("stage2", run_dir(cfg), (run_dir(cfg) / RESULTS).is_file(), hours, source)
     return {name: {"jobs": len(e["jobs"]), "done": e["done"], "hours": e["hours"],
                    "sources": sorted(e["sources"])} for name, e in stages.items()}
 

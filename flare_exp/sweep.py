@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .methods import method_for
-from .tables import split_experiment, sweep_configs, sweep_params
+from .report.experiments import split_experiment, sweep_configs, sweep_params
 
 ROOT = Path(__file__).resolve().parent.parent
 # The sweep parameters each stage depends on (the others are pinned to their first value).

@@ -25,47 +25,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .data.batching import epoch_batches, example_length, to_device
 from .flare.alignment import prompt_lengths
 from .flare.calls import enable_gradient_checkpointing
 
 PRECISIONS = {None: "no", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def example_length(example: dict) -> int:
-    """Characters of an example's texts (its fields; not its id or label): the length key of
-    length-grouped batches."""
-    return sum(len(v) for k, v in example.items() if isinstance(v, str) and k not in ("id", "label"))
-
-
-def length_grouped(indices: list[int], lengths: list[int], size: int, window: int = 8) -> list[list[int]]:
-    """Batches of ``size`` from ``indices`` (already shuffled): each window of ``window`` batches is
-    sorted by length before it is cut, so a batch holds examples of similar length and pads
-    little, while the windows keep the shuffle's randomness."""
-    batches = []
-    for start in range(0, len(indices), size * window):
-        block = sorted(indices[start:start + size * window], key=lambda i: lengths[i])
-        batches.extend(_chunks(block, size))
-    return batches
-
-
-def _epoch_batches(order: list[int], lengths: list[int] | None, size: int, rng: random.Random):
-    """One epoch's batches: a shuffle, then length-grouped with the batch order shuffled again
-    (``lengths`` given: ``train.group_by_length``), or cut in shuffled order."""
-    rng.shuffle(order)
-    if lengths is None:
-        return list(_chunks(order, size))
-    batches = length_grouped(order, lengths, size)
-    rng.shuffle(batches)
-    return batches
 
 
 def trainable_weights(model) -> dict:
@@ -277,7 +241,8 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
                 device, desc: str, checkpoint: Checkpoint | None = None, validation: Validation | None = None,
                 log: Callable[[dict, int], None] | None = None) -> dict:
     """Train the trainable parameters of ``model`` on ``targets`` (paired with ``english`` for
-    FLARE). Returns the mean loss of the first and last epoch and the wall time, and with a
+    FLARE). Returns the mean loss of the first and last epoch, every optimizer step's loss and the
+    wall time, and with a
     ``validation`` the validation curve and the selected step, whose adapter the model holds at
     the end.
 
@@ -308,19 +273,20 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
     order = list(range(len(targets)))
     lengths = [example_length(t) for t in targets] if train_cfg.get("group_by_length") else None
     for _ in range(position["epoch"]):  # replay the shuffles of the finished epochs
-        _epoch_batches(order, lengths, train_cfg.batch_size, rng)
-    step, epoch_means = position["step"], position["epoch_means"]
+        epoch_batches(order, lengths, train_cfg.batch_size, rng)
+    step, epoch_means, step_losses = position["step"], position["epoch_means"], position.get("step_losses", [])
     answers_at_end = answers_last(model, batcher)
     model.train()
     start = time.perf_counter()
     with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True) as progress:
         while step < total:
-            micro = _epoch_batches(order, lengths, train_cfg.batch_size, rng)
+            micro = epoch_batches(order, lengths, train_cfg.batch_size, rng)
             epoch_losses = position["epoch_losses"] if position["group"] else []
             for group_start in range(position["group"], len(micro), train_cfg.grad_accum):
                 group = micro[group_start:group_start + train_cfg.grad_accum]
-                epoch_losses.extend(_accumulate(accelerator, runner, batcher, group, targets, english, device,
-                                                answers_at_end))
+                losses = _accumulate(accelerator, runner, batcher, group, targets, english, device, answers_at_end)
+                epoch_losses.extend(losses)
+                step_losses.append(sum(losses) / len(losses))
                 norm = accelerator.clip_grad_norm_(params, 1.0)
                 rate = scheduler.get_last_lr()[0]
                 optimizer.step()
@@ -338,14 +304,14 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
                 if checkpoint.enabled and step % checkpoint.every == 0:
                     checkpoint.save(model, optimizer, scheduler, {
                         "step": step, "epoch": position["epoch"], "group": group_start + train_cfg.grad_accum,
-                        "epoch_losses": epoch_losses, "epoch_means": epoch_means,
+                        "epoch_losses": epoch_losses, "epoch_means": epoch_means, "step_losses": step_losses,
                         "selection": selection.state()}, selection.best)
             epoch_means.append(sum(epoch_losses) / len(epoch_losses))
             position = {"step": step, "epoch": position["epoch"] + 1, "group": 0, "epoch_losses": [],
-                        "epoch_means": epoch_means, "selection": selection.state()}
+                        "epoch_means": epoch_means, "step_losses": step_losses, "selection": selection.state()}
     accelerator.unwrap_model(runner, keep_fp32_wrapper=False)  # the model's own forward back
     model.eval()
     selected = selection.finish(model, step)
     checkpoint.remove()
     return {"steps": step, "first_epoch_loss": epoch_means[0], "last_epoch_loss": epoch_means[-1],
-            "train_seconds": time.perf_counter() - start, **selected}
+            "step_losses": step_losses, "train_seconds": time.perf_counter() - start, **selected}

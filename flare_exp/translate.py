@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .locking import file_lock
+from .record import read_cache
 
 log = logging.getLogger(__name__)
 
@@ -125,24 +126,7 @@ def build_tiny_nllb(folder: Path, vocab: int = 60, seed: int = 0) -> Path:
     return Path(folder)
 
 
-# -- the cache -----------------------------------------------------------------------------
-def cache_file(root: Path, task: str, split: str, direction: str, lang: str, translator_name: str) -> Path:
-    return Path(root) / task / split / f"{direction}-{lang}" / f"{translator_name}.jsonl"
-
-
-def _read_cache(path: Path) -> dict[str, dict]:
-    done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by an interruption: translated again
-        done[row["id"]] = row["fields"]
-    return done
-
-
+# -- the cache (its names and reader: flare_exp.record) ---------------------------------------
 def _drop_partial_line(path: Path) -> None:
     """Cut a last line left unfinished by a kill, so that appended rows start on a line of their own."""
     if not path.is_file():
@@ -161,10 +145,10 @@ def translate_examples(examples: list[dict], fields: list[str], src: str, tgt: s
     stage loses at most the batch in flight. The cache's writer holds its lock: a job that finds
     translations missing waits for it, then reads again and translates only what is still missing.
     """
-    done = _read_cache(path)
+    done = read_cache(path)
     if any(ex["id"] not in done for ex in examples):
         with file_lock(path.with_name(path.name + ".lock")):
-            done = _read_cache(path)  # what a writer before us added
+            done = read_cache(path)  # what a writer before us added
             _translate_missing(examples, fields, src, tgt, translator, path, batch_size, desc, done)
     return [done[ex["id"]] for ex in examples]
 

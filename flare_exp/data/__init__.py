@@ -1,6 +1,7 @@
-"""Task data, parallel pairing, prompts and collators with alignment maps."""
+"""Task data (loaders driven by the task config), input formats and batches. Importing the
+package loads no model library; the batchers live in ``collate`` (prompts, answers, sources)
+and ``qa`` (span features)."""
 
-from .collate import Batcher
 from .tasks import DataError, load_examples
 
-__all__ = ["Batcher", "DataError", "load_examples"]
+__all__ = ["DataError", "load_examples"]

@@ -65,7 +65,7 @@ class TolerantSlurmLauncher(SlurmLauncher):
         return jobs
 
     def launch(self, job_overrides, initial_job_idx):
-        """Submit the jobs whose work is not done yet (``flare_exp.pipeline.finished``: a run's or
+        """Submit the jobs whose work is not done yet (``flare_exp.record.finished``: a run's or
         an evaluation's results, a cached stage 1): a sweep submitted again after failures or
         pre-emptions spends no GPU allocation on the jobs that had finished."""
         numbered = list(enumerate(job_overrides, start=initial_job_idx))
@@ -82,8 +82,7 @@ class TolerantSlurmLauncher(SlurmLauncher):
     def _finished(self, number: int, overrides) -> bool:
         """Whether the job's work is done; a finished run's job folder then points at its results,
         so that the sweep's summary lists it."""
-        from flare_exp.pipeline import finished
-        from flare_exp.results import POINTER, run_dir, write_json_atomic
+        from flare_exp.record import POINTER, RESULTS, finished, run_dir, write_json_atomic
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg):
@@ -92,7 +91,7 @@ class TolerantSlurmLauncher(SlurmLauncher):
             return False
         if cfg.stage in ("run", "stage2"):
             write_json_atomic(Path(str(self.config.hydra.sweep.dir)) / str(number) / POINTER,
-                              {"results": str(run_dir(cfg) / "results.json")})
+                              {"results": str(run_dir(cfg) / RESULTS)})
         return True
 
     @staticmethod

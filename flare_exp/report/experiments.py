@@ -1,0 +1,48 @@
+"""Which jobs an experiment declares: its sweep parameters and every job's composed config, from
+the experiment file alone (no model library)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..record import run_dir
+
+CONF = Path(__file__).resolve().parent.parent.parent / "conf"
+
+
+def split_experiment(overrides: list[str]) -> tuple[str, list[str]]:
+    """(the one ``experiment=<name>`` among command-line overrides, the other overrides)."""
+    experiments = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    if len(experiments) != 1:
+        raise SystemExit("error: name exactly one experiment=<name>.")
+    return experiments[0], [o for o in overrides if not o.startswith("experiment=")]
+
+def sweep_params(experiment: str, overrides: list[str]) -> dict[str, list[str]]:
+    """The sweep parameters of ``experiment`` (name -> values)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *overrides],
+                      return_hydra_config=True)
+    return {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
+
+def sweep_configs(experiment: str, overrides: list[str]) -> list[tuple[dict, DictConfig]]:
+    """(choices, composed config) of every job of ``experiment``'s sweep."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    params = sweep_params(experiment, overrides)
+    GlobalHydra.instance().clear()
+    base = [f"experiment={experiment}", *overrides]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return [(choice, compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())]))
+                for choice in (dict(zip(params, values)) for values in itertools.product(*params.values()))]
+
+def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:
+    """(choices, run directory) of every job of ``experiment``'s sweep."""
+    return [(choice, run_dir(cfg)) for choice, cfg in sweep_configs(experiment, overrides)]

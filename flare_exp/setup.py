@@ -1,0 +1,289 @@
+"""A run set up once from its config: every check before any model loads, the method, paths,
+device, tokenizer, translator and batchers, each split read and checked once, and the model
+assembled in one place (stage 1, FLARE MT's encoder, the method's adapter). The stages
+(``flare_exp.stages``) are short recipes over it; nothing below it sees the root config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from . import adapters, record
+from .data.collate import Batcher
+from .data.qa import SpanBatcher
+from .errors import ConfigError
+from .evaluate import predict, score
+from .flare.mt import load_mt_encoder
+from .methods import method_for
+from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device, save_once
+from .pairs import Examples, LazyTranslator, Pairs
+from .stage1 import ensure_stage1, load_stage1
+from .train import Checkpoint, Validation, train_model
+from .translate import build_tiny_nllb, nllb_code
+
+STAGES = ("run", "translate", "stage1", "stage2", "evaluate")
+
+
+def _choices(group: str) -> list[str]:
+    folder = Path(__file__).resolve().parent.parent / "conf" / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse, in one sentence, a combination that cannot run, before any model loads."""
+    task, lang, model, mt = cfg.task, cfg.lang, cfg.model, cfg.mt
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"Unknown stage {cfg.stage!r}; choose one of {list(STAGES)}.")
+    try:
+        method = method_for(cfg.method)
+        adapters.check(method, model, cfg.train)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if cfg.source.mode != "as_trained" and cfg.stage != "evaluate":
+        raise ConfigError(f"source.mode={cfg.source.mode} re-evaluates a finished run: add stage=evaluate.")
+    if cfg.stage == "evaluate" and not method.reads_english_test:
+        raise ConfigError(f"Method {method.name} reads no English at test: stage=evaluate with another source "
+                          "applies to flare, input_fusion, xmixup and translate_test.")
+    if lang.code not in task.languages:
+        raise ConfigError(f"Task {task.name} has no language {lang.code!r}; choose lang from {list(task.languages)}.")
+    if task.type not in ("classification", "qa"):
+        raise ConfigError(f"Unknown task type {task.type!r} (classification or qa).")
+    translates = method.reads_english_test or method.trains
+    if mt.name == "gold" and not task.parallel and translates:
+        raise ConfigError(
+            f"Task {task.name} is not parallel, so method {method.name} needs machine translation: "
+            f"choose mt from {[m for m in _choices('mt') if m != 'gold']}."
+        )
+    if model.kind not in ("encoder", "decoder", "encoder_decoder"):
+        raise ConfigError(f"Model {model.name} of kind {model.kind!r} cannot run yet; choose model from "
+                          f"{_choices('model')}.")
+    expected_format = "head" if model.kind == "encoder" else "plain"
+    if model.get("prompt_format", expected_format) != expected_format:
+        raise ConfigError(f"Model {model.name} ({model.kind}) supports prompt_format={expected_format} only.")
+    hub_model = model.source == "hub" and not model_in_local_cache(model.path)
+    hub_data = not task.local and not cfg.data.dir
+    mt_models = [mt.get("model")] if translates and mt.get("model") else []
+    if method.needs_mt_encoder and method.cfg.encoder != "tiny":
+        mt_models.append(method.cfg.encoder)
+    hub_mt = [m for m in mt_models if not model_in_local_cache(m)]
+    if (hub_model or hub_data or hub_mt) and not hub_reachable():
+        needs = [f"model {model.path}"] * hub_model + [f"task {task.name} data"] * hub_data
+        needs += [f"MT model {m}" for m in hub_mt]
+        raise ConfigError(
+            f"The Hugging Face hub cannot be reached and this run needs it ({', '.join(needs)}): "
+            "run the offline demo with `python run.py experiment=demo` (make run), or point "
+            "data.dir at a local data directory and use an offline model (minilm, smollm2-135m) "
+            "with mt=gold."
+        )
+
+
+@dataclass
+class MTEncoder:
+    """FLARE MT's frozen MT encoder, its tokenizer and its width."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    width: int
+
+
+class Setup:
+    """One run (task, model, method, language, seed), set up from ``cfg``: ``check`` runs here;
+    what loads a model (tokenizer, translator, stage 1, the MT encoder) loads on first use."""
+
+    def __init__(self, cfg: DictConfig):
+        check(cfg)
+        self.cfg = cfg
+        self.method = method_for(cfg.method)
+        self.task, self.lang, self.model_cfg = cfg.task, cfg.lang, cfg.model
+        self.seed = int(cfg.seed)
+        self.out = record.run_dir(cfg)
+        self.stage1_path = record.stage1_dir(cfg)
+        self.cache_dir = Path(cfg.output_dir) / "cache"
+        self.examples = Examples(cfg.task, cfg.data)
+        self.gold = cfg.mt.name == "gold"
+        self._stage1 = None  # a stage 1 trained by this run, kept in memory
+
+    # -- what the run reads --------------------------------------------------------------
+    @cached_property
+    def identity(self) -> dict:
+        return record.run_identity(self.cfg)
+
+    @cached_property
+    def device(self) -> torch.device:
+        return pick_device(self.cfg.device)
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.model_cfg, self.cache_dir)
+
+    @cached_property
+    def translator(self) -> LazyTranslator | None:
+        """The MT system (loaded when a cache lacks a translation); None under ``mt=gold``."""
+        if self.gold:
+            return None
+        return LazyTranslator(self.cfg.mt, record.translator_name(self.cfg), record.translation_max_length(self.cfg),
+                              self.device)
+
+    @cached_property
+    def pairs(self) -> Pairs:
+        return Pairs(self.examples, self.lang, self.translator,
+                     lambda split, direction: record.translation_cache(self.cfg, split, direction),
+                     self.cfg.mt.get("batch_size", 16))
+
+    def check_data(self) -> dict[str, int]:
+        """Read and check every split the run reads, before any model loads (they stay read);
+        the counts of empty texts."""
+        lang, trains = self.lang.code, self.method.trains
+        validates = trains and self.cfg.train.get("eval_every") != 0
+        reads = [("en", "train"), ("en", "test"), (lang, "test")]  # stage 1, its English test, the test
+        if validates:
+            reads.append(("en", "validation"))
+        if self.gold:
+            reads += [(lang, "train")] * trains + [(lang, "validation")] * validates
+        return self.examples.check(reads, lang, self.gold, self.cfg.data.get("empty_texts", "warn"))
+
+    def missing_inputs(self) -> str | None:
+        """``stage=stage2``: what of the cached stage 1 and the translations the run reads is not
+        there yet (one sentence naming the stage to run), or None."""
+        chained = "(python -m flare_exp.sweep chains the stages)"
+        if not (self.stage1_path / record.STAGE1_RECORD).is_file():
+            return (f"Stage 1 of {self.task.name} {self.model_cfg.name} seed {self.seed} is not in {self.stage1_path}: "
+                    f"run stage=stage1 first {chained}.")
+        if self.gold:
+            return None
+        for split, direction in self.method.translations:
+            missing = self.pairs.missing(split, direction)
+            if missing:
+                return (f"{missing} {direction} translations of {self.task.name} {split} ({self.lang.code}) are "
+                        f"not in the cache: run stage=translate first {chained}.")
+        return None
+
+    # -- batches -------------------------------------------------------------------------
+    def make_batcher(self, plain: bool = False):
+        """The batcher of this run's method (``plain``: of stage 1, whatever the method)."""
+        factor = 1 if plain else self.method.length_factor
+        max_length = int(self.task.max_length * factor)
+        mt_tokenizer = self.mt_encoder.tokenizer if not plain and self.method.needs_mt_encoder else None
+        mt_lang = nllb_code(self.lang) if mt_tokenizer is not None else None
+        if self.task.type == "qa" and self.model_cfg.kind == "encoder":
+            return SpanBatcher(self.tokenizer, max_length, stride=self.task.get("stride", 128),
+                               mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
+        return Batcher(self.tokenizer, self.task, self.model_cfg.kind, max_length, mt_tokenizer=mt_tokenizer,
+                       mt_lang=mt_lang)
+
+    @cached_property
+    def batcher(self):
+        return self.make_batcher()
+
+    @cached_property
+    def stage1_batcher(self):
+        return self.make_batcher(plain=True)
+
+    # -- models --------------------------------------------------------------------------
+    def base_model(self):
+        labels = list(self.task.labels) if self.task.labels else None
+        return load_base_model(self.model_cfg, self.tokenizer, labels, self.device, self.cache_dir, self.seed)
+
+    @cached_property
+    def mt_encoder(self) -> MTEncoder | None:
+        """FLARE MT's encoder (``method.encoder``; ``tiny`` builds a random one offline), or None."""
+        if not self.method.needs_mt_encoder:
+            return None
+        path = self.method.cfg.encoder
+        if path == "tiny":
+            path = str(save_once(self.cache_dir / "models" / "tiny-nllb", build_tiny_nllb))
+        return MTEncoder(*load_mt_encoder(path, self.device))
+
+    def ensure_stage1(self) -> Path:
+        """The stage-1 adapter's folder, trained now (and kept in memory) unless cached."""
+        trained = ensure_stage1(self.stage1_path, self._train_stage1)
+        if trained is not None:
+            self._stage1 = trained
+        return self.stage1_path
+
+    def stage1(self):
+        """The stage-1 model: trained now unless cached, loaded from the cache unless this run just
+        trained it."""
+        self.ensure_stage1()
+        model, self._stage1 = self._stage1, None  # the next caller builds its own
+        return model if model is not None else load_stage1(self.base_model(), self.stage1_path)
+
+    def _train_stage1(self):
+        from peft import get_peft_model
+
+        from . import distributed
+
+        settings = self.cfg.stage1
+        english_train = self.examples("en", "train")
+        base = self.base_model()
+        torch.manual_seed(self.seed)
+        model = get_peft_model(base, adapters.lora_config(self.model_cfg, settings,
+                                                          adapters.task_head(self.model_cfg, self.task)))
+        resume = Checkpoint(self.stage1_path.with_name(f".{self.stage1_path.name}.checkpoint"),
+                            int(settings.checkpoint_every))
+        stats = train_model(model, self.stage1_batcher, english_train, None, settings, self.seed, self.device,
+                            desc=f"stage 1 {self.task.name} en", checkpoint=resume)
+        if distributed.world()[1] != 0:
+            return model, None
+
+        def record_of() -> dict:
+            rows = predict(model, self.stage1_batcher, self.examples("en", "test"), None,
+                           self.cfg.train.eval_batch_size, self.device, self.task.max_new_tokens,
+                           desc="stage 1 English test", precision=settings.get("autocast"))
+            return {"train": stats, "english_test": score(rows, self.stage1_batcher),
+                    "key": record.stage1_key(self.cfg)}
+
+        return model, record_of
+
+    def model(self):
+        """The model this run trains and tests: stage 1, with the method's adapter on it (and
+        FLARE MT's encoder)."""
+        return adapters.build(self.method, self.stage1(), self.model_cfg, self.cfg.train, self.seed,
+                              adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder)
+
+    # -- training and testing --------------------------------------------------------------
+    def predict(self, model, targets, english, desc: str) -> list[dict]:
+        inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
+        return predict(model, self.batcher, inputs, english, self.cfg.train.eval_batch_size, self.device,
+                       self.task.max_new_tokens, desc=f"{desc} {self.method.label} {self.lang.code}",
+                       precision=self.cfg.train.get("autocast"))
+
+    def validation(self, model) -> Validation | None:
+        """Model selection on the target validation data (human under ``mt=gold``, else translated
+        like the training data), scored by the task's metric; None with ``train.eval_every=0``."""
+        if self.cfg.train.get("eval_every") == 0:
+            return None
+        targets, english, _ = self.pairs.training("validation")
+
+        def validate() -> float:
+            return score(self.predict(model, targets, english, "validation"), self.batcher)[self.task.metric]
+
+        return Validation(validate, self.cfg.train.get("eval_every"), self.task.get("select", "best"))
+
+    def train(self, model, log=None) -> tuple[dict, dict]:
+        """Stage 2 on the method's training data: (training statistics, what the data dropped)."""
+        targets, english, info = self.pairs.training()
+        inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
+        stats = train_model(model, self.batcher, inputs, english, self.cfg.train, self.seed, self.device,
+                            desc=f"stage 2 {self.method.label} {self.lang.code}",
+                            checkpoint=Checkpoint(self.out / "checkpoint", int(self.cfg.train.checkpoint_every)),
+                            validation=self.validation(model), log=log)
+        return stats, info
+
+    def test(self, model, test, english, out: Path) -> tuple[list[dict], dict, dict]:
+        """(prediction rows, metrics, further labelled metrics) on the test set."""
+        rows = self.predict(model, test, english, "test")
+        for row, target in zip(rows, test):
+            row["id"] = target["id"]
+        extra = {}
+        if self.batcher.qa and self.method.test_input == "english" and self.translator is not None:
+            # Both are reported: the English answers as they are (the paper's translate-test),
+            # and translated back into the target language (the headline metrics).
+            extra["metrics_without_back_translation"] = score(rows, self.batcher)
+            self.pairs.back_translate_answers(rows, out)
+        return rows, score(rows, self.batcher), extra
