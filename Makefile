@@ -71,15 +71,15 @@ table-%: $(STAMP) ## Build a paper table from finished runs, list the missing: t
 wandb-sync: $(STAMP) ## Upload offline W&B runs found under outputs/runs (needs WANDB_API_KEY)
 	find outputs/runs -type d -name 'offline-run-*' -exec $(VENV)/bin/wandb sync {} +
 
-test: $(STAMP) ## Run the test suite (CPU, offline, under 10 minutes)
+test: $(STAMP) ## Run the default test suite (CPU, offline, about 5 minutes)
 	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slurm: $(STAMP) ## Start a single-node SLURM here (root, Debian) and run the SLURM tests
 	bash scripts/slurm/start_single_node.sh
 	$(OFFLINE) PATH=$(CURDIR)/scripts/slurm/bin:$$PATH $(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
 
-test-slow: $(STAMP) ## Run the longer checks too
-	$(OFFLINE) $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+test-slow: $(STAMP) ## Run the longer checks (marked slow; CI runs them after make test)
+	$(OFFLINE) $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP) ## The cost of every method, side by side, as ratios to LoRA (scripts/bench.py)
 	$(OFFLINE) $(PY) scripts/bench.py

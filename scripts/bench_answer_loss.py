@@ -1,11 +1,12 @@
 """A decoder's training step with the loss on the answer tokens from their logits alone (what the
 pipeline does) against the model's own loss over logits at every position, side by side.
 
-    python scripts/bench_answer_loss.py --model smollm2 --batch 16 --length 64 --answer 2
+    python scripts/bench_answer_loss.py --model smollm2 --batch 16 --length 64
     python scripts/bench_answer_loss.py --model llama3.1-8b --quantization nf4 --dtype bfloat16 --batch 32   # GPU
 
-A classification batch: ``--length`` tokens per row, the last ``--answer`` of them the answer
-(the label's tokens and EOS), the rest prompt. Each method's model (scripts/bench.py's ``build``)
+A classification batch of the pipeline's batcher (scripts/bench.py's ``batch_for``): ``--length``
+tokens per row, the prompt, then the answer (the label's tokens and EOS). Each method's model
+(scripts/bench.py's ``build``)
 takes one step of each kind in turn (interleaved); the figures are medians over ``--reps``, and
 the ratio is answer-only over all positions, measured in the same run.
 """
@@ -18,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import MODELS, batch_for, build, timed, train_step  # noqa: E402
@@ -38,28 +38,22 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["none", "nf4"], default="none")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--answer", type=int, default=2, help="answer tokens at the end of every row")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
     args.source_length, args.gradient_checkpointing = None, False  # what scripts/bench.py's build reads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory = Memory(device)
-    print(f"{args.model}, batch {args.batch} x {args.length} tokens, answer {args.answer}, "
+    print(f"{args.model}, batch {args.batch} x {args.length} tokens, "
           f"{'cuda' if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'}")
     for method in args.methods.split(","):
-        model, kind, train_cfg = build(method, args, device, None)
-        if not answers_last(model, type("Batcher", (), {"kind": kind})()):
+        model, setup = build(method, args, device, None)
+        if not answers_last(model, setup.batcher):
             raise SystemExit(f"{args.model} is not a decoder whose forward keeps the last logits alone.")
-        optimizer = _optimization(model, train_cfg, args.batch)[1]
-        vocab = next(m for m in model.modules() if isinstance(m, PreTrainedModel)).config.vocab_size
+        optimizer = _optimization(model, setup.cfg.train, args.batch)[1]
         times, peaks = {True: [], False: []}, {True: [], False: []}
         for rep in range(args.warmup + args.reps):
-            batch = batch_for(method, kind, args.batch, args.length, vocab, 64, rep)
-            batch["labels"][:, :-args.answer] = -100  # the prompt carries no loss
-            if "source_input_ids" in batch:  # as the pipeline's batcher gives them
-                batch["target_prompt_lengths"] = torch.full((args.batch,), args.length - args.answer)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch_for(setup, args, rep).items()}
             for answer_only in ((True, False) if rep % 2 == 0 else (False, True)):
                 before = memory.start()
                 seconds = timed(lambda: train_step(model, optimizer, batch, args.autocast, answer_only), device)

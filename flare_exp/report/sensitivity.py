@@ -70,25 +70,33 @@ def table(frame: pd.DataFrame, value: str = "score") -> str:
     return "\n".join(lines) + "\n"
 
 def plot(frame: pd.DataFrame, path: Path) -> Path:
+    """Each method's score against the chrF of its test-time English (the mean over seeds of each
+    seed's average over languages, the std over seeds as error bars where there are several);
+    LoRA as a line; the legend beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = frame[frame["method"] != "lora"].groupby(["method", "source"])[["score", "chrf"]].mean().reset_index()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, part in means.groupby("method"):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    english = frame[frame["method"] != "lora"]
+    per_seed = english.groupby(["method", "source", "seed"])[["score", "chrf"]].mean().groupby(["method", "source"])
+    points = per_seed.mean().join(per_seed["score"].std().fillna(0.0).rename("spread")).reset_index()
+    for method, part in points.groupby("method"):
         part = part.sort_values("chrf")
-        ax.plot(part["chrf"], part["score"], marker="o", label=method)
+        several = frame.loc[frame["method"] == method, "seed"].nunique() > 1
+        ax.errorbar(part["chrf"], part["score"], yerr=part["spread"] if several else None, marker="o", capsize=2,
+                    label=method)
         for _, row in part.iterrows():
             ax.annotate(row["source"], (row["chrf"], row["score"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
     lora = frame[frame["method"] == "lora"]["score"]
     if len(lora):
         ax.axhline(lora.mean(), color="grey", linestyle="--", label="lora (no English)")
     ax.set_xlabel("chrF of the test-time English against the trained-with English")
-    ax.set_ylabel(f"{frame['metric'].iloc[0]} (%)")
-    ax.legend(fontsize=7)
+    seeds = frame["seed"].nunique()
+    ax.set_ylabel(f"{frame['metric'].iloc[0]} (%)" + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return path
