@@ -26,6 +26,10 @@ METHODS: dict[str, type["Method"]] = {}  # in the paper's row order
 
 
 def register(cls):
+    """Add a method to the registry (after the others: the tables' row order). A method that trains
+    declares the throughput row the planner costs it by, so that it is never costed as another."""
+    if cls.adapter is not None and not any("cost_row" in vars(k) for k in cls.__mro__ if k is not Method):
+        raise TypeError(f"Method {cls.name} trains an adapter: declare its cost_row (docs/throughput.csv).")
     METHODS[cls.name] = cls
     return cls
 
@@ -131,7 +135,7 @@ class Lora(Method):
     name = "lora"
     title = "LoRA"
     adapter = "lora"
-    cost_measured = True
+    cost_row, cost_measured = "lora", True
     bench = (("lora", {}),)
 
 

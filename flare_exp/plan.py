@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from .methods import method_class, method_for
 from .record import STAGE1_RECORD, RESULTS, run_dir, stage1_dir, translation_cache
-from .report.experiments import split_experiment, sweep_configs
+from .report.experiments import command, split_experiment, sweep_configs
 
 THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
 # English training, validation and per-language test sizes of the paper's tasks (their dataset
@@ -122,4 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(main))

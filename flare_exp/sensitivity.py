@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from .report.experiments import split_experiment
+from .report.experiments import command, split_experiment
 from .report.sensitivity import collect, plot, table
 
 
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(main))

@@ -34,8 +34,9 @@ def _choices(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-def check(cfg: DictConfig) -> None:
-    """Refuse, in one sentence, a combination that cannot run, before any model loads."""
+def check(cfg: DictConfig, access: bool = True) -> None:
+    """Refuse, in one sentence, a combination that cannot run, before any model loads (``access``:
+    also one that needs the hub where it cannot be reached)."""
     task, lang, model, mt = cfg.task, cfg.lang, cfg.model, cfg.mt
     if cfg.stage not in STAGES:
         raise ConfigError(f"Unknown stage {cfg.stage!r}; choose one of {list(STAGES)}.")
@@ -65,6 +66,13 @@ def check(cfg: DictConfig) -> None:
     expected_format = "head" if model.kind == "encoder" else "plain"
     if model.get("prompt_format", expected_format) != expected_format:
         raise ConfigError(f"Model {model.name} ({model.kind}) supports prompt_format={expected_format} only.")
+    if access:
+        check_access(cfg, method, translates)
+
+
+def check_access(cfg: DictConfig, method, translates: bool) -> None:
+    """Refuse a run that needs the hub (its model, data or MT models) where it cannot be reached."""
+    task, model, mt = cfg.task, cfg.model, cfg.mt
     hub_model = model.source == "hub" and not model_in_local_cache(model.path)
     hub_data = not task.local and not cfg.data.dir
     mt_models = [mt.get("model")] if translates and mt.get("model") else []
@@ -92,11 +100,12 @@ class MTEncoder:
 
 
 class Setup:
-    """One run (task, model, method, language, seed), set up from ``cfg``: ``check`` runs here;
-    what loads a model (tokenizer, translator, stage 1, the MT encoder) loads on first use."""
+    """One run (task, model, method, language, seed), set up from ``cfg``: ``check`` runs here
+    (``access=False``: not whether the hub can be reached); what loads a model (tokenizer,
+    translator, stage 1, the MT encoder) loads on first use."""
 
-    def __init__(self, cfg: DictConfig):
-        check(cfg)
+    def __init__(self, cfg: DictConfig, access: bool = True):
+        check(cfg, access)
         self.cfg = cfg
         self.method = method_for(cfg.method)
         self.task, self.lang, self.model_cfg = cfg.task, cfg.lang, cfg.model

@@ -120,6 +120,9 @@ def evaluate(setup: Setup) -> dict:
     if method.trains and not (out / record.ADAPTER).is_file():
         raise InputsMissing(f"{out} holds no saved stage 2 ({record.ADAPTER}; it finished before runs saved one): "
                             "rerun it with force=true.")
+    if not (setup.stage1_path / record.STAGE1_RECORD).is_file():
+        raise InputsMissing(f"The stage 1 {out} was trained on is no longer in {setup.stage1_path}: rerun the run "
+                            "with force=true.")
     label = record.source_label(cfg.source)
     folder = record.evaluation_dir(cfg)
     done = record.finished_evaluation(folder, out, cfg.force)

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .methods import method_for
-from .report.experiments import split_experiment, sweep_configs, sweep_params
+from .report.experiments import command, split_experiment, sweep_configs, sweep_params
 
 ROOT = Path(__file__).resolve().parent.parent
 # The sweep parameters each stage depends on (the others are pinned to their first value).
@@ -33,8 +33,8 @@ def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: b
     """(stage, run.py arguments) of each stage of ``experiment``, in order."""
     composed = [f"hydra/launcher={launcher}", *overrides]  # hydra.launcher.* overrides need their launcher
     jobs, params = sweep_configs(experiment, composed), sweep_params(experiment, composed)
-    translates = any(cfg.mt.name != "gold" and (method_for(cfg.method).trains or method_for(cfg.method).reads_english_test)
-                     for _, cfg in jobs)
+    methods = [method_for(cfg.method) for _, cfg in jobs]  # an unknown method stops the sweep before it starts
+    translates = any(cfg.mt.name != "gold" and method.translations for (_, cfg), method in zip(jobs, methods))
     base = [str(ROOT / "run.py"), "-m", f"experiment={experiment}", f"hydra/launcher={launcher}", *overrides]
     slurm = launcher == "slurm"
     stages = []
@@ -81,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command(main))

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from .report.experiments import expected_runs, split_experiment
+from .report.experiments import command, expected_runs, split_experiment
 from .report.plots import plot
 from .report.results import load_results
 from .report.significance import significance_table
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(main))

@@ -139,7 +139,7 @@ def bench_setup(model: str, method: str, args, work: Path):
             *MODELS[model], f"method={name}", *(f"method.{k}={v}" for k, v in settings.items()), "task=demo",
             "lang=dmb", "mt=gold", f"model.dtype={args.dtype}", f"model.quantization={args.quantization}",
             f"task.max_length={args.length}", f"output_dir={work}"])
-    return Setup(cfg)
+    return Setup(cfg, access=False)  # a paper model's random-weight copy needs no hub
 
 
 def build(method: str, args, device: torch.device, mt_encoder):

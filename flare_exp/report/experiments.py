@@ -4,7 +4,9 @@ the experiment file alone (no model library)."""
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -46,3 +48,16 @@ def sweep_configs(experiment: str, overrides: list[str]) -> list[tuple[dict, Dic
 def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:
     """(choices, run directory) of every job of ``experiment``'s sweep."""
     return [(choice, run_dir(cfg)) for choice, cfg in sweep_configs(experiment, overrides)]
+
+
+def command(main: Callable[[], object]) -> int:
+    """Run a command's ``main``; a bad experiment or setting (an unknown method, a config that
+    does not compose) ends it with its one-sentence message and exit status 2, no traceback."""
+    from hydra.errors import HydraException
+
+    try:
+        returned = main()
+    except (ValueError, HydraException) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return returned if isinstance(returned, int) else 0
