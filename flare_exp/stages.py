@@ -82,7 +82,7 @@ def train_and_test(setup: Setup, job_dir: Path | None = None) -> dict | None:
     model = setup.model()
     stage1_info = json.loads((setup.stage1_path / record.STAGE1_RECORD).read_text())
     train_stats, data_info = None, {}
-    with tracker(cfg, method.label, out, enabled=rank == 0) as wandb_run:
+    with tracker(cfg, method, out, enabled=rank == 0) as wandb_run:
         if method.trains:
             train_stats, data_info = setup.train(model, log=wandb_run.log if wandb_run is not None else None)
         test, english_test = setup.pairs.test(english=method.reads_english_test)

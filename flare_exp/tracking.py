@@ -9,8 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 
 @contextmanager
-def tracker(cfg: DictConfig, label: str, directory: Path, enabled: bool = True):
-    """A W&B run mirroring the run of ``cfg`` (method ``label``), always closed, even on failure."""
+def tracker(cfg: DictConfig, method, directory: Path, enabled: bool = True):
+    """A W&B run mirroring the run of ``cfg`` (its ``method``), always closed, even on failure."""
     if cfg.tracking.mode == "disabled" or not enabled:
         yield None
         return
@@ -20,8 +20,8 @@ def tracker(cfg: DictConfig, label: str, directory: Path, enabled: bool = True):
     run = wandb.init(
         project=cfg.tracking.project, entity=cfg.tracking.entity, mode=cfg.tracking.mode,
         dir=str(directory), group=cfg.experiment_name or f"{cfg.task.name}-{cfg.model.name}",
-        name=f"{label}-{cfg.lang.code}-seed{cfg.seed}",
-        tags=[cfg.method.name, cfg.lang.code, f"seed{cfg.seed}", cfg.task.name, cfg.model.name],
+        name=f"{method.label}-{cfg.lang.code}-seed{cfg.seed}",
+        tags=[method.name, cfg.lang.code, f"seed{cfg.seed}", cfg.task.name, cfg.model.name],
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     try:

@@ -189,10 +189,18 @@ def bench_examples(setup, batch: int, length: int, source_length: int | None, se
 
 
 def batch_for(setup, args, seed: int) -> dict:
-    """A training batch of the method, from the pipeline's batcher and the method's own inputs."""
+    """A training batch of the method, from the pipeline's batcher and the method's own inputs.
+    Under ``--vocab`` (a paper model's vocabulary shrunk) the stand-in tokenizer's ids are folded
+    into it (same positions, same lengths)."""
     targets, english = bench_examples(setup, args.batch, args.length, args.source_length, seed)
     inputs, english = setup.method.inputs(targets, english, list(setup.task.fields), qa=False)
-    return setup.batcher(inputs, english)
+    batch = setup.batcher(inputs, english)
+    if args.vocab:
+        for key in ("input_ids", "source_input_ids", "labels"):
+            if key in batch:
+                ids = batch[key]
+                batch[key] = torch.where(ids >= 0, ids % args.vocab, ids)  # -100 (no loss) stays
+    return batch
 
 
 def check_targets(result: dict) -> list[tuple[str, str, bool]]:

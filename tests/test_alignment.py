@@ -1,35 +1,10 @@
 """Alignment maps (spec D5, D6) against hand-written maps and an independent loop reference."""
 
-from fractions import Fraction
-import math
-
 import pytest
 import torch
 
 from flare_exp.flare import build_source_index, gather_aligned, last_source_position
-
-
-def reference_index(target_mask, source_mask, strategy, anchor, prompt_lengths=None):
-    """Loop-by-loop reading of spec section 4."""
-    rows = []
-    for b in range(target_mask.shape[0]):
-        t_pos = [i for i, v in enumerate(target_mask[b].tolist()) if v]
-        s_pos = [i for i, v in enumerate(source_mask[b].tolist()) if v]
-        prompt = len(t_pos) if prompt_lengths is None else int(prompt_lengths[b])
-        row = [-1] * target_mask.shape[1]
-        for k, i in enumerate(t_pos):
-            if not s_pos:
-                continue
-            if k >= prompt:
-                row[i] = s_pos[-1]
-                continue
-            if strategy == "position":
-                j = k if anchor == "start" else len(s_pos) - prompt + k
-            else:
-                j = min(math.floor(Fraction(k * len(s_pos), prompt) + Fraction(1, 2)), len(s_pos) - 1)
-            row[i] = s_pos[j] if 0 <= j < len(s_pos) else -1
-        rows.append(row)
-    return torch.tensor(rows)
+from helpers import reference_index  # the loop-by-loop reading of spec section 4
 
 
 def masks(lengths, width, side):

@@ -25,6 +25,7 @@ def _bench(tmp_path: Path, *extra: str) -> dict:
     return json.loads((tmp_path / f"{stem}.json").read_text())
 
 
+@pytest.mark.slow
 def test_bench_measures_every_method(tmp_path):
     result = _bench(tmp_path, "--methods", "lora,flare-add,flare-cross_attention,flare_mt,input_fusion,xmixup")
     rows = result["methods"]
@@ -44,6 +45,7 @@ def test_bench_measures_every_method(tmp_path):
     assert result["pipeline"]["stage1_cached_s"] < result["pipeline"]["stage1_first_s"]
 
 
+@pytest.mark.slow
 def test_bench_runs_on_nf4_weights_and_profiles(tmp_path):
     result = _bench(tmp_path, "--methods", "lora,flare-add", "--quantization", "nf4", "--no-pipeline", "--profile")
     assert result["quantization"] == "nf4"
@@ -79,6 +81,7 @@ def test_check_targets_judges_each_limit():
     }
 
 
+@pytest.mark.slow
 def test_the_answer_loss_benchmark_compares_both_losses_for_each_method():
     """scripts/bench_answer_loss.py: one line per method with both step times and their ratio."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.metrics import f1_score
 
-from flare_exp.data import Batcher, DataError, load_examples
+from flare_exp.data import DataError, load_examples
+from flare_exp.data.collate import Batcher
 from flare_exp.data.demo import translate
 from flare_exp.metrics import accuracy, classification_metrics, macro_f1, parse_label
 
@@ -120,12 +121,11 @@ def test_decoder_batch_masks_prompt_and_carries_prompt_lengths():
     assert torch.equal(eval_batch["source_input_ids"], batch["source_input_ids"])
 
 
-def test_a_new_parallel_classification_task_needs_a_config_file_only(tmp_path):
+def test_a_new_parallel_classification_task_needs_a_config_file_only(tmp_path, make_cfg, small):
     """A task in the documented csv layout: one YAML file, no Python, through the whole pipeline."""
     from omegaconf import OmegaConf, open_dict
 
-    from flare_exp.pipeline import run
-    from test_pipeline import SMALL, make_cfg
+    from flare_exp.stages import run
 
     words = {"en": ["good", "bad"], "sw": ["nzuri", "mbaya"]}
     for lang, (yes, no) in words.items():
@@ -154,7 +154,7 @@ source:
     assert load_examples(task, "sw", "test", tmp_path / "data")[3] == {
         "id": "polarity-test-3", "sentence": "nzuri day 3", "label": "yes"}
     cfg = make_cfg(["model=tiny-bert", "lang=sw", "method=lora",
-                    *[o for o in SMALL if not o.startswith("task=")]], tmp_path)
+                    *[o for o in small if not o.startswith("task=")]], tmp_path)
     with open_dict(cfg):
         cfg.task = task
         cfg.data.dir = str(tmp_path / "data")
@@ -163,7 +163,7 @@ source:
 
 
 def test_tydiqa_trains_on_its_whole_train_file_and_validates_on_its_last_tenth(tmp_path):
-    from test_translate_qa import squad_file
+    from helpers import squad_file
 
     squad_file(tmp_path / "tydiqa_goldp/train/tydiqa.goldp.en.train.json", "en", 40, 1)
     train = load_examples("tydiqa", "en", "train", tmp_path)
@@ -173,9 +173,8 @@ def test_tydiqa_trains_on_its_whole_train_file_and_validates_on_its_last_tenth(t
     assert xnli.source.get("holdout", True)  # XNLI's local train and validation stay disjoint
 
 
-def test_model_settings_reach_the_loaded_model(tmp_path):
+def test_model_settings_reach_the_loaded_model(tmp_path, make_cfg):
     from flare_exp.models import load_base_model, load_tokenizer, nf4_config
-    from test_pipeline import make_cfg
 
     cfg = make_cfg(["model=tiny-llama", "++model.attn_implementation=eager"])
     tokenizer = load_tokenizer(cfg.model, tmp_path)
@@ -187,12 +186,15 @@ def test_model_settings_reach_the_loaded_model(tmp_path):
     assert gemma.attn_implementation == "eager" and gemma.double_quant is False
 
 
-def test_translation_settings_per_task(tmp_path):
+def test_translation_settings_per_task(tmp_path, make_cfg):
+    from flare_exp import record
     from flare_exp.pairs import LazyTranslator
-    from test_pipeline import make_cfg
 
-    tydiqa = LazyTranslator(make_cfg(["task=tydiqa", "mt=nllb_3_3b"]), "cpu")
-    xnli = LazyTranslator(make_cfg(["task=xnli", "mt=nllb_3_3b"]), "cpu")
+    def translator(cfg):  # as Setup(cfg).translator builds it (Setup itself refuses the hub models offline)
+        return LazyTranslator(cfg.mt, record.translator_name(cfg), record.translation_max_length(cfg), "cpu")
+
+    tydiqa = translator(make_cfg(["task=tydiqa", "mt=nllb_3_3b"]))
+    xnli = translator(make_cfg(["task=xnli", "mt=nllb_3_3b"]))
     assert (tydiqa.max_length, xnli.max_length) == (768, 256)
     assert tydiqa.name == "nllb_3_3b-beamsdefault-len768"
     assert make_cfg(["method=flare_mt"]).method.encoder == "facebook/nllb-200-3.3B"

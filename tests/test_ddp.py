@@ -22,17 +22,16 @@ def _setup(out_dir: str):
     from pathlib import Path
 
     from flare_exp.flare import FlareConfig, get_flare_model
-    from flare_exp.pipeline import make_batcher
-    from test_methods import _demo_cfg, _stage1
+    from helpers import demo_cfg, fresh_stage1
     from tiny import randomize_lora
 
     torch.manual_seed(0)
-    cfg = _demo_cfg("tiny-llama", "flare", Path(out_dir))
-    tokenizer, stage1 = _stage1(cfg, Path(out_dir))
+    cfg = demo_cfg("tiny-llama", "flare", Path(out_dir))
+    setup, stage1 = fresh_stage1(cfg)
     flare = get_flare_model(stage1, FlareConfig(target_modules="all-linear"))
     randomize_lora(flare.peft_model, seed=3, scale=0.1)
     targets, english = load_examples("demo", "dmb", "train")[:16], load_examples("demo", "en", "train")[:16]
-    return flare, make_batcher(cfg, tokenizer), targets, english
+    return flare, setup.batcher, targets, english
 
 
 def _train(out_dir: str, rank: int, world: int) -> None:
@@ -73,6 +72,7 @@ def _worker(rank: int, world: int, out_dir: str, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one_process(tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
@@ -92,13 +92,14 @@ def test_two_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(two["train_losses"], one["train_losses"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_torchrun_pipeline_matches_one_process(tmp_path):
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    from test_pipeline import run_path
+    from helpers import run_path
 
     root = Path(__file__).resolve().parent.parent
     args = ["model=tiny-bert", "task=demo", "mt=gold", "method=flare", "lang=dma", "data.max_train=48",

@@ -4,7 +4,6 @@ sentence; failure markers follow what really happened to a job."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from flare_exp.data import DataError
-from flare_exp.pipeline import ConfigError, run, validate
-from test_pipeline import SMALL, _run_py, make_cfg
+from flare_exp.errors import ConfigError
+from flare_exp.setup import check
+from flare_exp.stages import run
+from helpers import ROOT, offline_env, run_py
 
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = "id,text,label"
 
 
@@ -40,23 +40,27 @@ def _data(tmp_path: Path, **changes) -> Path:
     return _nusax(tmp_path / "data", rows)
 
 
-def _cfg(tmp_path, data: Path, *extra):
-    return make_cfg(["task=nusax", "lang=jav", "mt=gold", "model=tiny-bert", "method=flare",
-                     f"data.dir={data}", *extra], tmp_path / "out")
+@pytest.fixture
+def nusax_cfg(tmp_path, make_cfg):
+    """``nusax_cfg(data, *overrides)``: FLARE on tiny-bert, NusaX jav from ``data``, into tmp_path/out."""
+    def compose(data: Path, *extra):
+        return make_cfg(["task=nusax", "lang=jav", "mt=gold", "model=tiny-bert", "method=flare",
+                         f"data.dir={data}", *extra], tmp_path / "out")
+    return compose
 
 
 @pytest.mark.parametrize("override,message", [
     ("method.fusion=add_rlu", r"Unknown fusion 'add_rlu'"),
     ("method.alignment=middle", r"Unknown alignment 'middle'"),
 ])
-def test_a_method_setting_typo_is_refused_before_anything_runs(tmp_path, override, message):
+def test_a_method_setting_typo_is_refused_before_anything_runs(tmp_path, override, message, make_cfg):
     with pytest.raises(ConfigError, match=message):
-        validate(make_cfg(["task=demo", "lang=dma", "mt=gold", "model=tiny-bert", override]))
+        check(make_cfg(["task=demo", "lang=dma", "mt=gold", "model=tiny-bert", override]))
 
 
-def test_xmixup_settings_are_checked():
+def test_xmixup_settings_are_checked(make_cfg):
     with pytest.raises(ConfigError, match="lambda0"):
-        validate(make_cfg(["task=demo", "lang=dma", "mt=gold", "model=tiny-bert", "method=xmixup",
+        check(make_cfg(["task=demo", "lang=dma", "mt=gold", "model=tiny-bert", "method=xmixup",
                            "method.lambda0=1.5"]))
 
 
@@ -66,16 +70,16 @@ def test_xmixup_settings_are_checked():
     ({"javanese/valid": ["0,a,positive", "1,b,positive", "2,c,negative", "3,d,positive"]},
      r"example 2 has label 'positive', its English 'neutral'"),
 ])
-def test_bad_target_data_is_refused_before_stage1_trains(tmp_path, change, message):
+def test_bad_target_data_is_refused_before_stage1_trains(tmp_path, change, message, nusax_cfg):
     with pytest.raises(DataError, match=message):
-        run(_cfg(tmp_path, _data(tmp_path, **change)))
+        run(nusax_cfg(_data(tmp_path, **change)))
     assert not (tmp_path / "out" / "stage1").exists()  # nothing was trained
 
 
 def test_an_undecodable_file_is_one_sentence_in_a_multirun(tmp_path):
     data = _data(tmp_path)
     (data / "nusax_senti" / "javanese" / "test.csv").write_bytes(f"{FIELDS}\n0,caf\xe9,positive\n".encode("latin-1"))
-    done = _run_py(["-m", "task=nusax", "lang=jav", "mt=gold", "model=tiny-bert", "method=zero_shot,lora",
+    done = run_py(["-m", "task=nusax", "lang=jav", "mt=gold", "model=tiny-bert", "method=zero_shot,lora",
                     f"data.dir={data}", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "UnicodeDecodeError" not in done.stderr
@@ -84,19 +88,19 @@ def test_an_undecodable_file_is_one_sentence_in_a_multirun(tmp_path):
     assert not (tmp_path / "out" / "stage1").exists()
 
 
-def test_empty_texts_are_counted_and_refused_on_request(tmp_path, capsys):
+def test_empty_texts_are_counted_and_refused_on_request(tmp_path, capsys, nusax_cfg):
     data = _data(tmp_path, **{"javanese/test": ["0,,positive", "1, ,neutral", "2,c,negative", "3,d,positive"]})
-    cfg = _cfg(tmp_path, data, "method=zero_shot", "data.empty_texts=refuse")
+    cfg = nusax_cfg(data, "method=zero_shot", "data.empty_texts=refuse")
     with pytest.raises(DataError, match=r"nusax has empty texts \(2 in jav test\)"):
         run(cfg)
-    result = run(_cfg(tmp_path, data, "method=zero_shot"))
+    result = run(nusax_cfg(data, "method=zero_shot"))
     assert "warning: nusax has empty texts: 2 in jav test" in capsys.readouterr().out
     assert result["data"]["empty_texts"] == {"jav test": 2}
     # the setting cannot change a result: the same run either way
     assert "empty_texts" not in result["identity"]["data"]
 
 
-def test_a_qa_answer_not_at_its_offset_is_refused(tmp_path):
+def test_a_qa_answer_not_at_its_offset_is_refused(tmp_path, make_cfg):
     squad = {"data": [{"paragraphs": [{"context": "Nairobi is the capital of Kenya.", "qas": [
         {"id": "q1", "question": "Capital?", "answers": [{"text": "Nairobi", "answer_start": 0}]},
         {"id": "q2", "question": "Country?", "answers": [{"text": "Kenya", "answer_start": 3}]}]}]}]}
@@ -113,23 +117,23 @@ def test_a_qa_answer_not_at_its_offset_is_refused(tmp_path):
 
 
 def _run_py_with(tmp_path: Path, behaviour: str) -> subprocess.CompletedProcess:
-    """run.py with the pipeline's run replaced: ``exit`` (what submitit does to a pre-empted job
+    """run.py with flare_exp.stages.run replaced: ``exit`` (what submitit does to a pre-empted job
     after requeueing it) or ``finish``."""
     code = f"""
 import runpy, sys
-import flare_exp.pipeline as pipeline
+import flare_exp.stages as stages
 def fake(cfg, job_dir=None):
     if {behaviour!r} == "exit":
         sys.exit(-1)
     return {{}}
-pipeline.run = fake
+stages.run = fake
 sys.argv = ["run.py", "task=demo", "lang=dma", "mt=gold", "model=tiny-bert", "hydra.run.dir={tmp_path / 'job'}"]
 runpy.run_path({str(ROOT / 'run.py')!r}, run_name="__main__")
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_a_job_ended_by_systemexit_leaves_no_marker_and_a_finished_job_clears_one(tmp_path):
     done = _run_py_with(tmp_path, "exit")
     assert done.returncode != 0, done.stderr[-2000:]
@@ -140,8 +144,9 @@ def test_a_job_ended_by_systemexit_leaves_no_marker_and_a_finished_job_clears_on
     assert not (tmp_path / "job" / "FAILED").exists()
 
 
-def test_multirun_still_reports_an_unexpected_error_with_its_traceback(tmp_path):
-    done = _run_py(["-m", "model=tiny-bert", "method=lora", "lang=dma", *SMALL, "train.optimizer=sgd",
+@pytest.mark.slow
+def test_multirun_still_reports_an_unexpected_error_with_its_traceback(tmp_path, small):
+    done = run_py(["-m", "model=tiny-bert", "method=lora", "lang=dma", *small, "train.optimizer=sgd",
                     f"output_dir={tmp_path}"], cwd=tmp_path)
     assert done.returncode == 1
     assert "Unknown optimizer" in done.stderr and "Traceback" in done.stderr

@@ -6,12 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from flare_exp.flare import FlareConfig, disable_cpu_bf16_repack, get_flare_model, load_flare_model
-from test_flare_core import capture_input, inputs, weighted_loss
+from flare_exp.flare import FlareConfig, get_flare_model, load_flare_model
+from helpers import capture_input, inputs, load_4bit, weighted_loss
 from tiny import randomize_lora, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
-from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,19 +18,6 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(path)
     return path
-
-
-def load_4bit(path, protect=True):
-    """The tiny Llama in NF4; ``protect``: with the CPU repack off (on CPUs with AVX512-BF16 an
-    eval forward through repacked tiny 4-bit layers fails), as the pipeline loads it."""
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    if protect:
-        disable_cpu_bf16_repack(model)
-    return model.eval()
 
 
 def linear4bit_layers(model):

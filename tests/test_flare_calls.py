@@ -17,8 +17,8 @@ from flare_exp.flare import FlareConfig, MissingSourceError, build_source_index,
 from flare_exp.flare.mt import FlareMTModel
 from flare_exp.train import train_model
 from flare_exp.xmixup import XMixupModel
-from test_alignment import reference_index
-from test_flare_core import assert_same_grads, checkpointed_grads, flare_config, inputs, weighted_loss
+from helpers import (assert_same_grads, checkpointed_grads, flare_config, inputs, load_4bit, reference_index,
+                     weighted_loss)
 from tiny import PAD, padded_batch, randomize_lora, tiny_model
 
 
@@ -124,7 +124,7 @@ def test_labels_do_not_move_the_alignment_of_encoders(family):
 
 def test_a_non_default_anchor_reaches_training_batches():
     """A decoder batch carries masks and prompt lengths; the model's own anchor decides."""
-    from flare_exp.data import Batcher
+    from flare_exp.data.collate import Batcher
 
     flare = get_flare_model(tiny_model("llama"), flare_config("llama", fusion="add", anchor="start"))
     randomize_lora(flare.peft_model, seed=5, scale=0.3)
@@ -291,8 +291,6 @@ def test_train_model_with_gradient_checkpointing(method):
 @pytest.mark.parametrize("option", [{"use_dora": True}, {"lora_bias": True}])
 def test_stage1_lora_options_flare_layers_cannot_run_are_refused(tmp_path, option):
     pytest.importorskip("bitsandbytes")
-    from test_flare_4bit import load_4bit
-
     tiny_model("llama").save_pretrained(tmp_path)
     base = load_4bit(tmp_path)
     stage1 = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **option))

@@ -12,41 +12,21 @@ from torch.nn import functional as F
 
 from flare_exp.flare import FUSIONS, FlareConfig, MissingSourceError, get_flare_model, load_flare_model
 from flare_exp.flare.layers import SourceCall
-from test_alignment import reference_index
-from tiny import DECODERS, FAMILIES, PAD, pad_side, padded_batch, randomize_lora, tiny_model
+from helpers import (TARGETS, assert_same_grads, capture_input, checkpointed_grads, flare_config, inputs, lora_grads,
+                     reference_index, weighted_loss)
+from tiny import DECODERS, FAMILIES, PAD, randomize_lora, tiny_model
 
-TARGETS = {
-    "llama": "all-linear",
-    "gemma2": "all-linear",
-    "qwen2": "all-linear",
-    "bert": ["query", "key", "value", "dense"],
-    "xlmr": ["query", "value"],
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-}
 # The fused projection the reference tests look at: the value projection of the second layer.
 FUSED_LAYER = {
     "llama": "model.layers.1.self_attn.v_proj",
     "xlmr": "roberta.encoder.layer.1.attention.self.value",
 }
-
-
-def inputs(family, seed=0):
-    """A padded target batch and a padded source batch of other lengths."""
-    side = pad_side(family)
-    ids, mask = padded_batch([6, 9, 4], side, seed)
-    source_ids, source_mask = padded_batch([7, 5, 8], side, seed + 100)
-    batch = dict(input_ids=ids, attention_mask=mask)
-    if family == "t5":
-        batch["decoder_input_ids"] = padded_batch([3, 3, 3], "right", seed + 200)[0]
-    return batch, dict(source_input_ids=source_ids, source_attention_mask=source_mask)
+# inputs, flare_config, weighted_loss, lora_grads, capture_input: helpers.py (test_flare_calls.py
+# and test_flare_4bit.py use them too)
 
 
 def lora_config(family, **kwargs):
     return LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS[family], **kwargs)
-
-
-def flare_config(family, **kwargs):
-    return FlareConfig(r=8, alpha=16, target_modules=TARGETS[family], **kwargs)
 
 
 def copy_lora_weights(peft_model, flare, source_adapter="default"):
@@ -58,19 +38,6 @@ def copy_lora_weights(peft_model, flare, source_adapter="default"):
                 params[name.replace(f".{source_adapter}.", ".flare.")].copy_(param)
                 copied += 1
     assert copied > 0
-
-
-def lora_grads(model, adapter):
-    return {
-        n.replace(f".{adapter}.", "."): p.grad.clone()
-        for n, p in model.named_parameters()
-        if "lora_" in n and p.grad is not None
-    }
-
-
-def weighted_loss(logits, seed=7):
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
-    return (logits * weights).sum()
 
 
 # 1. fusion=none is PEFT LoRA -----------------------------------------------------------------
@@ -141,19 +108,6 @@ def reference_phi(name, s, t, mask, causal, fusion_module):
                     weights = torch.softmax(k[:, cols] @ q[cols] / math.sqrt(d), dim=0)
                     out[b, i, cols] = weights @ v[:, cols]
     return out
-
-
-def capture_input(model, module_name, **call):
-    """The input ``module_name`` sees when ``model`` runs on ``call`` (last call wins)."""
-    seen = {}
-    module = dict(model.named_modules())[module_name]
-    handle = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach(), y=out))
-    try:
-        with torch.no_grad():
-            model(**call)
-    finally:
-        handle.remove()
-    return seen["x"]
 
 
 def fused_layer(flare, name):
@@ -234,30 +188,7 @@ def test_A_gets_gradient_through_source_and_target():
 
 
 # 4. Gradient checkpointing, trainable parameters, no gradient into the source pass ------------
-def checkpointed_grads(base, family, batches, checkpointing: bool, reentrant: bool = False) -> dict:
-    """FLARE's LoRA gradients on a copy of ``base`` after one backward of the summed weighted
-    losses of ``batches`` ((target, source) pairs), with or without gradient checkpointing."""
-    flare = get_flare_model(copy.deepcopy(base), flare_config(family, fusion="add_relu"))
-    randomize_lora(flare.peft_model, seed=3, scale=0.3)
-    flare.train()
-    if checkpointing:
-        flare.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        flare.hf_model.enable_input_require_grads()
-        assert flare.hf_model.is_activation_checkpointing
-    sum(weighted_loss(flare(**t, **s).logits, seed=7 + i) for i, (t, s) in enumerate(batches)).backward()
-    return lora_grads(flare.peft_model, "flare")
-
-
-def assert_same_grads(expected, got, scale_tolerance=1e-4):
-    assert expected.keys() == got.keys() and expected
-    for name, reference in expected.items():
-        # Recomputation reorders float32 sums: T5 differs by ~1e-5 of the gradient's scale even
-        # with plain LoRA. A source dropped during recomputation, or another batch's English,
-        # changes it by the gradient's own size.
-        tolerance = 1e-6 + scale_tolerance * reference.abs().max().item()
-        torch.testing.assert_close(got[name], reference, atol=tolerance, rtol=0, msg=name)
-
-
+# (checkpointed_grads, assert_same_grads: helpers.py)
 @pytest.mark.parametrize("family", ["llama", "gemma2", "bert", "t5"])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradients_identical_under_gradient_checkpointing(family, reentrant, monkeypatch):

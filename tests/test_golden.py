@@ -18,11 +18,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from flare_exp.methods import ORDER
 from flare_exp.stages import run
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GOLDEN_FILE = Path(__file__).parent / "golden_methods.json"
-METHODS = ["zero_shot", "translate_test", "lora", "input_fusion", "xmixup", "flare_mt", "flare"]
 TWO_EPOCHS = ["train.epochs=2", "stage1.epochs=2", "train.batch_size=16", "stage1.batch_size=16",
               "train.eval_batch_size=32", "data.max_test=24", "data.max_validation=24", "++method.encoder=tiny"]
 SETTINGS = {  # (task, model) -> overrides
@@ -60,7 +60,7 @@ def _check_golden(key: str, observed: dict) -> None:
             assert observed[name] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, name)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ORDER)  # every method of the registry
 @pytest.mark.parametrize("task,model", list(SETTINGS))
 def test_golden(outputs, qa_data, task, model, method):
     GlobalHydra.instance().clear()

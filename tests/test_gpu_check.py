@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_the_cpu_fallback_runs_every_part(tmp_path):
     pytest.importorskip("bitsandbytes")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -8,9 +8,8 @@ import math
 import pytest
 
 from flare_exp.plan import STARTUP_S, format_plan, plan
-from flare_exp.results import run_dir
-from flare_exp.stage1 import stage1_dir
-from flare_exp.tables import sweep_configs
+from flare_exp.record import run_dir, stage1_dir
+from flare_exp.report.experiments import sweep_configs
 
 
 def _table(path, step_s: float, source: str = "measured"):

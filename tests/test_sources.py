@@ -60,13 +60,12 @@ def test_unknown_modes_and_rates_are_refused():
         english_source(ENGLISH, TARGETS, ["text"], "noised", rate=0.0)
 
 
-def test_a_finished_run_is_re_evaluated_with_each_source_beside_it(tmp_path):
-    import json
+def test_a_finished_run_is_re_evaluated_with_each_source_beside_it(tmp_path, make_cfg, small):
+    from flare_exp.errors import ConfigError, InputsMissing
+    from flare_exp.stages import run
+    from helpers import run_path
 
-    from flare_exp.pipeline import ConfigError, InputsMissing, run
-    from test_pipeline import SMALL, make_cfg, run_path
-
-    base = ["model=tiny-bert", "lang=dma", "method=flare", *SMALL]
+    base = ["model=tiny-bert", "lang=dma", "method=flare", *small]
     with pytest.raises(InputsMissing, match="No finished run"):
         run(make_cfg([*base, "stage=evaluate"], tmp_path))
     trained = run(make_cfg(base, tmp_path))
@@ -89,22 +88,21 @@ def test_a_finished_run_is_re_evaluated_with_each_source_beside_it(tmp_path):
     assert run(make_cfg([*base, "stage=evaluate"], tmp_path))["timing"] == retrained["timing"]
     assert (out / "sources/as_trained/results.json").stat().st_mtime_ns != written
     with pytest.raises(ConfigError, match="reads no English at test"):
-        run(make_cfg(["model=tiny-bert", "lang=dma", "method=lora", *SMALL, "stage=evaluate"], tmp_path))
+        run(make_cfg(["model=tiny-bert", "lang=dma", "method=lora", *small, "stage=evaluate"], tmp_path))
     with pytest.raises(ConfigError, match="add stage=evaluate"):
         run(make_cfg([*base, "source.mode=empty"], tmp_path))
 
 
-def test_the_sensitivity_table_reads_the_evaluations_and_the_lora_baseline(tmp_path):
-    from flare_exp.pipeline import run
-    from flare_exp.sensitivity import collect, table
-    from test_pipeline import SMALL, make_cfg
+def test_the_sensitivity_table_reads_the_evaluations_and_the_lora_baseline(tmp_path, make_cfg, small):
+    from flare_exp.report.sensitivity import collect, table
+    from flare_exp.stages import run
 
-    small = ["model=tiny-bert", "lang=dmb", *SMALL]
+    args = ["model=tiny-bert", "lang=dmb", *small]
     for method in ("flare", "lora"):
-        run(make_cfg(["experiment=demo", f"method={method}", *small], tmp_path))
+        run(make_cfg(["experiment=demo", f"method={method}", *args], tmp_path))
     for source in ("as_trained", "empty", "mismatched"):
-        run(make_cfg(["experiment=demo", "method=flare", "stage=evaluate", f"source={source}", *small], tmp_path))
-    sweep = [*small, f"output_dir={tmp_path}", "stage=evaluate", "hydra.sweeper.params.method=flare",
+        run(make_cfg(["experiment=demo", "method=flare", "stage=evaluate", f"source={source}", *args], tmp_path))
+    sweep = [*args, f"output_dir={tmp_path}", "stage=evaluate", "hydra.sweeper.params.method=flare",
              "+hydra.sweeper.params.source='mismatched,as_trained,empty,target'"]
     frame, missing = collect("demo", sweep)
     assert missing == [{"method": "flare", "source": "target"}]
@@ -118,7 +116,7 @@ def test_the_sensitivity_table_reads_the_evaluations_and_the_lora_baseline(tmp_p
 def test_the_sensitivity_table_can_give_the_share_of_invalid_outputs():
     import pandas as pd
 
-    from flare_exp.sensitivity import table
+    from flare_exp.report.sensitivity import table
 
     frame = pd.DataFrame([
         {"method": "flare", "lang": "jav", "seed": 100, "source": "as_trained", "score": 80.0, "invalid": 2.0, "chrf": 100.0, "metric": "macro_f1"},
@@ -137,7 +135,7 @@ def test_the_sensitivity_table_gives_mean_and_std_over_seeds_of_the_average_over
     (not the mean of all runs, which would weigh a seed by its number of languages)."""
     import pandas as pd
 
-    from flare_exp.sensitivity import table
+    from flare_exp.report.sensitivity import table
 
     def row(lang, seed, score, source="as_trained", method="flare"):
         return {"method": method, "lang": lang, "seed": seed, "source": source, "score": score, "invalid": 0.0,
@@ -154,7 +152,7 @@ def test_the_sensitivity_table_gives_mean_and_std_over_seeds_of_the_average_over
 def test_an_evaluate_sweep_points_at_the_sensitivity_table(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from flare_exp.results import SweepSummary
+    from flare_exp.report.summary import SweepSummary
 
     for stage, expected in [("evaluate", "python -m flare_exp.sensitivity experiment=nusax_cpu_sensitivity"),
                             ("run", "No finished runs")]:
@@ -164,14 +162,14 @@ def test_an_evaluate_sweep_points_at_the_sensitivity_table(tmp_path, capsys):
         assert expected in capsys.readouterr().out
 
 
-def test_a_job_knows_whether_its_work_is_done(tmp_path):
+def test_a_job_knows_whether_its_work_is_done(tmp_path, make_cfg, small):
     """``finished``: what a SLURM sweep leaves out when it submits (a run's results of the same
     settings, an evaluation of the run now in place, a cached stage 1; never with force=true)."""
-    from flare_exp.pipeline import ConfigError, finished, run
-    from flare_exp.results import run_dir
-    from test_pipeline import SMALL, make_cfg
+    from flare_exp.errors import ConfigError
+    from flare_exp.record import finished, run_dir
+    from flare_exp.stages import run
 
-    base = ["model=tiny-bert", "lang=dma", "method=flare", *SMALL]
+    base = ["model=tiny-bert", "lang=dma", "method=flare", *small]
     stages = {stage: make_cfg([*base, f"stage={stage}"], tmp_path) for stage in ("run", "stage1", "stage2", "evaluate")}
     assert not any(finished(cfg) for cfg in stages.values())
     run(stages["stage1"])

@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from flare_exp.pipeline import InputsMissing, run
+from flare_exp.errors import InputsMissing
+from flare_exp.stages import run
 from flare_exp.sweep import stage_commands
-from test_pipeline import make_cfg
+from helpers import ROOT, offline_env
 
-ROOT = Path(__file__).resolve().parent.parent
 DEMO = ["mt=fake", "model=tiny-bert", "lang=dma", "data.max_train=48", "data.max_test=24", "data.max_validation=24",
         "train.epochs=1", "stage1.epochs=1", "train.batch_size=16", "stage1.batch_size=16"]
 
 
+@pytest.mark.slow
 def test_the_stages_run_in_order_locally(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     done = subprocess.run([sys.executable, "-m", "flare_exp.sweep", "experiment=demo", *DEMO, f"output_dir={tmp_path}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("== ")] == [
         "== translate", "== stage1", "== stage2"]
@@ -34,7 +32,7 @@ def test_the_stages_run_in_order_locally(tmp_path):
     assert len(list(tmp_path.glob("sweeps/*-translate/0"))) == 1  # one translation job, not one per method
 
 
-def test_stage2_without_its_inputs_fails_at_once_naming_the_stage(tmp_path):
+def test_stage2_without_its_inputs_fails_at_once_naming_the_stage(tmp_path, make_cfg):
     cfg = make_cfg(["task=demo", *DEMO, "method=lora", "stage=stage2"], tmp_path)
     with pytest.raises(InputsMissing, match=r"Stage 1 of demo tiny-bert seed 100 .* run stage=stage1 first"):
         run(cfg)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flare_exp.tables import build, expected_runs, paired_bootstrap
+from flare_exp.report.experiments import expected_runs
+from flare_exp.report.significance import paired_bootstrap
+from flare_exp.tables import build
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -98,7 +100,7 @@ def test_bootstrap_macro_f1_is_the_scored_macro_f1(tmp_path):
 def test_settings_that_cannot_change_a_result_do_not_split_a_method(tmp_path):
     """A record written before a setting was declared result-neutral (here data.empty_texts)
     compares equal to one without it; a real difference still splits the row."""
-    from flare_exp.tables import load_results
+    from flare_exp.report.results import load_results
 
     base = {"train": {"lr": 2e-5}, "data": {"dir": None}, "seed": 100}
     paths = [write_run(tmp_path, "lora", 5, seed=100, identity=base) / "results.json",
@@ -118,7 +120,7 @@ def _frame(rows):
 
 
 def test_a_cell_over_fewer_languages_is_marked_and_not_compared_with_the_paper():
-    from flare_exp.tables import paper_table, summary
+    from flare_exp.report.tables import paper_table, summary
 
     rows = [{"method": "lora", "lang": lang, "seed": 100, "accuracy": 0.80} for lang in ("sw", "ur", "hi")]
     rows += [{"method": "flare", "lang": lang, "seed": 100, "accuracy": 0.90} for lang in ("sw", "ur")]
@@ -140,7 +142,7 @@ def pd_isna(value) -> bool:
 
 
 def test_the_sweep_summary_never_averages_over_models():
-    from flare_exp.tables import format_table
+    from flare_exp.report.results import format_table
 
     rows = [{"method": "lora", "lang": "sw", "seed": 100, "accuracy": 0.40, "model": "a"},
             {"method": "lora", "lang": "sw", "seed": 100, "accuracy": 0.60, "model": "b"}]
@@ -149,7 +151,7 @@ def test_the_sweep_summary_never_averages_over_models():
 
 
 def test_language_averaged_bootstrap_is_stratified_by_language(tmp_path):
-    from flare_exp.tables import averaged_bootstrap, p_text
+    from flare_exp.report.significance import averaged_bootstrap, p_text
 
     runs = {(m, lang): write_run(tmp_path, m, c, n=40, folder=tmp_path / m / lang)
             for (m, lang), c in {("flare", "a"): 30, ("lora", "a"): 20, ("flare", "b"): 20, ("lora", "b"): 30}.items()}
@@ -163,7 +165,8 @@ def test_language_averaged_bootstrap_is_stratified_by_language(tmp_path):
 
 
 def test_the_diagnostics_table_gives_invalid_shares_per_language_and_the_stage1_english_score(tmp_path):
-    from flare_exp.tables import diagnostics_table, load_results
+    from flare_exp.report.results import load_results
+    from flare_exp.report.tables import diagnostics_table
 
     paths = []
     for method, invalid, english in [("lora", 3, 0.5), ("flare", 0, 0.5), ("zero_shot", 10, 0.5)]:
@@ -181,7 +184,8 @@ def test_the_diagnostics_table_gives_invalid_shares_per_language_and_the_stage1_
 
 
 def test_the_language_average_covers_only_the_languages_every_method_finished(tmp_path):
-    from flare_exp.tables import language_table, load_results
+    from flare_exp.report.results import load_results
+    from flare_exp.report.tables import language_table
 
     paths = [write_run(tmp_path, "lora", 6, folder=tmp_path / "l-dmb") / "results.json",
              write_run(tmp_path, "flare", 8, folder=tmp_path / "f-dmb") / "results.json"]
@@ -195,7 +199,8 @@ def test_the_language_average_covers_only_the_languages_every_method_finished(tm
 
 
 def test_the_significance_table_compares_any_two_methods(tmp_path):
-    from flare_exp.tables import load_results, significance_table
+    from flare_exp.report.results import load_results
+    from flare_exp.report.significance import significance_table
 
     paths = [write_run(tmp_path, method, correct, n=100) / "results.json"
              for method, correct in [("input_fusion", 90), ("flare", 70), ("lora", 60)]]

@@ -112,7 +112,7 @@ def test_length_grouped_batches_cover_every_example_once_and_pad_less():
     import random
 
     from flare_exp.data import load_examples
-    from flare_exp.train import example_length, length_grouped
+    from flare_exp.data.batching import example_length, length_grouped
 
     examples = load_examples("nusax", "jav", "train", Path(__file__).resolve().parent.parent.parent / "shared/data") \
         if (Path(__file__).resolve().parent.parent.parent / "shared/data/nusax_senti").is_dir() else \
@@ -131,18 +131,17 @@ def test_length_grouped_batches_cover_every_example_once_and_pad_less():
     assert padding(grouped) < padding(plain) / 3
 
 
-def test_grouped_prediction_keeps_the_examples_order(tmp_path):
+def test_grouped_prediction_keeps_the_examples_order(tmp_path, make_cfg):
     from flare_exp.data import load_examples
     from flare_exp.evaluate import predict
-    from flare_exp.models import load_base_model, load_tokenizer
-    from flare_exp.pipeline import make_batcher
-    from test_pipeline import make_cfg
+    from flare_exp.models import load_base_model
+    from flare_exp.setup import Setup
 
     cfg = make_cfg(["model=tiny-bert", "task=demo", "lang=dmb", "method=zero_shot"], tmp_path)
-    tokenizer = load_tokenizer(cfg.model, tmp_path)
-    model = load_base_model(cfg.model, tokenizer, list(cfg.task.labels), torch.device("cpu"), tmp_path, 0)
+    setup = Setup(cfg)
+    model = load_base_model(cfg.model, setup.tokenizer, list(cfg.task.labels), torch.device("cpu"), tmp_path, 0)
     examples = load_examples("demo", "dmb", "test")[:40]
-    rows = predict(model, make_batcher(cfg, tokenizer), examples, None, 8, "cpu", 4, "test")
+    rows = predict(model, setup.batcher, examples, None, 8, "cpu", 4, "test")
     assert [r["id"] for r in rows] == [ex["id"] for ex in examples]
     assert [r["gold"] for r in rows] == [ex["label"] for ex in examples]
 
@@ -150,14 +149,14 @@ def test_grouped_prediction_keeps_the_examples_order(tmp_path):
 def test_grouped_epochs_replay_identically_for_a_resume():
     import random
 
-    from flare_exp.train import _epoch_batches, example_length
+    from flare_exp.data.batching import epoch_batches, example_length
 
     targets = [{"id": str(i), "text": "w " * random.Random(i).randint(1, 40)} for i in range(200)]
     runs = []
     for _ in range(2):
         rng, order = random.Random(7), list(range(200))
         lengths = [example_length(t) for t in targets]
-        runs.append([_epoch_batches(order, lengths, 8, rng) for _epoch in range(3)])
+        runs.append([epoch_batches(order, lengths, 8, rng) for _epoch in range(3)])
     assert runs[0] == runs[1]
     first = runs[0][0]
     assert first != runs[0][1]  # every epoch is shuffled anew

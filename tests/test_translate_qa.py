@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from flare_exp.metrics import exact_match, normalize_answer, qa_metrics, token_f1
 from flare_exp.translate import (FakeTranslator, NLLBTranslator, build_tiny_nllb, locate_answer, mark_answer,
                                  nllb_code, project_qa, translate_examples)
-from test_pipeline import SMALL, make_cfg, run_path
-from flare_exp.pipeline import run
+from flare_exp.stages import run
+from helpers import run_path
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -111,6 +111,7 @@ def _translate_in_process(path: str, start, counts) -> None:
     counts.put(translator.texts)
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_share_one_cache_without_duplicates(tmp_path):
     """Two processes (as two jobs of a sweep) need the same translations at the same moment: one
     translates, the other waits and reads; every record once, none interleaved."""
@@ -153,33 +154,12 @@ def test_nllb_translator_batches_by_length_and_keeps_order(tiny_nllb):
     assert batched == singles and all(isinstance(t, str) for t in batched)
 
 
-# -- TyDiQA end to end ------------------------------------------------------------------------
-def squad_file(path, lang, n, seed):
-    data = []
-    for i in range(n):
-        year = str(1900 + (i * 7 + seed) % 100)
-        context = f"The person number {i} was born in {year} in a town near the river."
-        data.append({"paragraphs": [{"context": context, "qas": [{
-            "id": f"{lang}-{seed}-{i}", "question": f"When was person {i} born?",
-            "answers": [{"text": year, "answer_start": context.index(year)}]}]}]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"data": data}))
-
-
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    squad_file(root / "tydiqa_goldp/train/tydiqa.goldp.en.train.json", "en", 40, 1)
-    squad_file(root / "tydiqa_goldp/dev/tydiqa.goldp.en.dev.json", "en", 12, 2)
-    squad_file(root / "tydiqa_goldp/dev/tydiqa.goldp.sw.dev.json", "sw", 12, 3)
-    return root
-
-
+# -- TyDiQA end to end (qa_data: conftest.py) ------------------------------------------------------
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
-def test_tydiqa_end_to_end_with_fake_translator(tmp_path, qa_data, model):
+def test_tydiqa_end_to_end_with_fake_translator(tmp_path, qa_data, model, make_cfg, small):
     overrides = [f"model={model}", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
                  "task.max_length=64", "task.stride=16", "task.max_new_tokens=6",
-                 *[o for o in SMALL if not o.startswith(("task=", "mt="))]]
+                 *[o for o in small if not o.startswith(("task=", "mt="))]]
     results = {m: run(make_cfg([*overrides, f"method={m}"], tmp_path))
                for m in ["zero_shot", "translate_test", "lora", "flare"]}
     for method, result in results.items():
@@ -205,7 +185,7 @@ def test_tydiqa_end_to_end_with_fake_translator(tmp_path, qa_data, model):
     assert "metrics_without_back_translation" not in results["flare"]
 
 
-def test_translate_stage_reports(tmp_path, qa_data, capsys):
+def test_translate_stage_reports(tmp_path, qa_data, capsys, make_cfg):
     cfg = make_cfg(["stage=translate", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
                     "model=tiny-bert"], tmp_path)
     report = run(cfg)
