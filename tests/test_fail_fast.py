@@ -151,3 +151,19 @@ def test_multirun_still_reports_an_unexpected_error_with_its_traceback(tmp_path,
     assert done.returncode == 1
     assert "Unknown optimizer" in done.stderr and "Traceback" in done.stderr
     assert "1 of 1 job(s) of the sweep failed; none finished" in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=-1", r"train\.lr must be a number in \(0, ∞\), got -1\."),
+    ("stage1.epochs=0", r"stage1\.epochs must be an integer in \[1, ∞\), got 0\."),
+    ("train.batch_size=0", r"train\.batch_size must be an integer"),
+    ("train.grad_accum=0", r"train\.grad_accum must be an integer"),
+    ("train.dropout=1.0", r"train\.dropout must be a number in \[0, 1\)"),
+    ("stage1.warmup_ratio=2", r"stage1\.warmup_ratio must be a number in \[0, 1\]"),
+    ("train.r=0", r"train\.r must be an integer"),
+    ("data.max_train=0", r"data\.max_train must be an integer"),
+])
+def test_a_bad_training_setting_is_refused_before_stage1_trains(tmp_path, override, message, make_cfg, small):
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg(["model=tiny-bert", "lang=dmb", "method=lora", *small, override], tmp_path))
+    assert not (tmp_path / "stage1").exists()  # nothing trained, no model loaded
