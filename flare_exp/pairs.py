@@ -28,7 +28,7 @@ class Examples:
     def __call__(self, lang: str, split: str) -> list[dict]:
         key = (lang, split)
         if key not in self._read:
-            rows = load_examples(self.task, lang, split, self.data.dir)
+            rows = load_examples(self.task, lang, split, self.data.dir, self.data.get("hub_mirror"))
             cap = {"train": self.data.max_train, "test": self.data.max_test}.get(split, self.data.get("max_validation"))
             self._read[key] = rows[: int(cap)] if cap else rows
         return self._read[key]

@@ -119,7 +119,7 @@ def check_access(cfg: DictConfig, method, translates: bool) -> None:
     """Refuse a run that needs the hub (its model, data or MT models) where it cannot be reached."""
     task, model, mt = cfg.task, cfg.model, cfg.mt
     hub_model = model.source == "hub" and not model_in_local_cache(model.path)
-    hub_data = not task.local and not cfg.data.dir
+    hub_data = not task.local and not cfg.data.dir and not cfg.data.get("hub_mirror")
     mt_models = [mt.get("model")] if translates and mt.get("model") else []
     if method.needs_mt_encoder and method.cfg.encoder != "tiny":
         mt_models.append(method.cfg.encoder)

@@ -46,8 +46,10 @@ def task_config(name: str) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def load_examples(task, lang: str, split: str, data_dir: str | Path | None = None) -> list[dict]:
-    """Examples of ``task`` (a task config, or a task's name) in ``lang`` for ``split``."""
+def load_examples(task, lang: str, split: str, data_dir: str | Path | None = None,
+                  hub_mirror: str | Path | None = None) -> list[dict]:
+    """Examples of ``task`` (a task config, or a task's name) in ``lang`` for ``split``: from the
+    local files under ``data_dir``, else from the hub dataset (or its copy under ``hub_mirror``)."""
     cfg = task_config(task) if isinstance(task, str) else task
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
@@ -65,7 +67,8 @@ def load_examples(task, lang: str, split: str, data_dir: str | Path | None = Non
         path = Path(data_dir) / source.path.format(split=file_split, code=lang, name=name)
         rows = READERS[source.format](_need(path), cfg, split, file_split)
     else:
-        rows = (_squad_hub if source.format == "squad" else _classification_hub)(cfg, lang, name, file_split)
+        rows = (_squad_hub if source.format == "squad" else _classification_hub)(cfg, lang, name, file_split,
+                                                                                hub_mirror)
     if split != "test" and splits.get("train", "train") == splits.get("validation", "validation"):
         cut = len(rows) - len(rows) // 10
         if split == "validation":
@@ -142,11 +145,38 @@ def _squad(path: Path, cfg: DictConfig, split: str, file_split: str) -> list[dic
 READERS = {"csv": _csv, "tsv": _tsv, "squad": _squad}
 
 
-def _squad_hub(cfg: DictConfig, lang: str, name: str, split: str) -> list[dict]:
+def mirror_folder(mirror: str | Path, repo: str, revision: str | None) -> Path:
+    """Where a copy of the hub dataset ``repo`` at ``revision`` lies under ``mirror``:
+    ``<mirror>/<owner>/<name>/<revision, '/' written %2F>`` (``huggingface-cli download <repo>
+    --repo-type dataset --revision <revision> --local-dir <that folder>`` fills it)."""
+    return Path(mirror) / repo / (revision or "main").replace("/", "%2F")
+
+
+def hub_split(hub: DictConfig, config: str, split: str, mirror: str | Path | None = None):
+    """One split of a hub dataset (``source.hub``: ``path``; ``revision``, where the data is not on
+    the main branch; ``data_dir`` where each config is a folder of that revision, else the
+    config is named), from the hub or from its copy under ``mirror``.
+
+    NusaX-senti's main branch holds only a loading script, which the pinned datasets refuses; the
+    hub keeps its parquet conversion on the ``refs/convert/parquet`` revision, one folder per
+    config (``ace/train/0000.parquet``), which loads as data files."""
     import datasets
 
+    revision = hub.get("revision")
+    where = {"data_dir": hub.data_dir.format(config=config)} if hub.get("data_dir") else {"name": config}
+    if mirror:
+        folder = mirror_folder(mirror, hub.path, revision)
+        if not folder.is_dir():
+            raise DataError(f"No copy of the hub dataset {hub.path} (revision {revision or 'main'}) in {folder}: "
+                            f"download it with `huggingface-cli download {hub.path} --repo-type dataset"
+                            f"{f' --revision {revision}' if revision else ''} --local-dir {folder}`.")
+        return datasets.load_dataset(str(folder), split=split, **where)
+    return datasets.load_dataset(hub.path, split=split, revision=revision, **where)
+
+
+def _squad_hub(cfg: DictConfig, lang: str, name: str, split: str, mirror=None) -> list[dict]:
     hub = cfg.source.hub
-    data = datasets.load_dataset(hub.path, hub.config, split=split)
+    data = hub_split(hub, hub.config, split, mirror)
     prefix = hub.id_prefix.format(code=lang, name=name)
     return [
         {"id": r["id"], "context": r["context"], "question": r["question"],
@@ -155,12 +185,10 @@ def _squad_hub(cfg: DictConfig, lang: str, name: str, split: str) -> list[dict]:
     ]
 
 
-def _classification_hub(cfg: DictConfig, lang: str, name: str, split: str) -> list[dict]:
-    import datasets
-
+def _classification_hub(cfg: DictConfig, lang: str, name: str, split: str, mirror=None) -> list[dict]:
     hub = cfg.source.hub
     config = (hub.get("configs") or {}).get(lang) or hub.config.format(code=lang, name=name)
-    data = datasets.load_dataset(hub.path, config, split=split)
+    data = hub_split(hub, config, split, mirror)
     names = getattr(data.features.get("label"), "names", None) or list(cfg.labels)
     rows = []
     for i, row in enumerate(data):
