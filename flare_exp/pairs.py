@@ -101,9 +101,9 @@ class Pairs:
     ``cache(split, direction)`` (en-x: English into the language, x-en: into English)."""
 
     def __init__(self, examples: Examples, lang_cfg: DictConfig, translator=None,
-                 cache: Callable[[str, str], Path] | None = None, batch_size: int = 16):
+                 cache: Callable[[str, str], Path] | None = None):
         self.examples, self.task, self.lang = examples, examples.task, lang_cfg
-        self.translator, self.cache, self.batch_size = translator, cache, batch_size
+        self.translator, self.cache = translator, cache
 
     @property
     def fields(self) -> list[str]:
@@ -120,11 +120,10 @@ class Pairs:
         src, tgt, path = "eng_Latn", nllb_code(self.lang), self.cache(split, "en-x")
         desc = f"translate-{split} en->{self.lang.code}"
         if self.task.type == "qa":
-            targets, counts = project_qa(english, self.translator, src, tgt, path, self.batch_size, desc=desc)
+            targets, counts = project_qa(english, self.translator, src, tgt, path, desc=desc)
             by_id = {ex["id"]: ex for ex in english}
             return targets, [by_id[t["id"]] for t in targets], {"answer_projection": counts}
-        translated = translate_examples(english, self.fields, src, tgt, self.translator, path, self.batch_size,
-                                        desc=desc)
+        translated = translate_examples(english, self.fields, src, tgt, self.translator, path, desc=desc)
         return [{**ex, **t} for ex, t in zip(english, translated)], english, {}
 
     def test(self, english: bool = True) -> tuple[list[dict], list[dict] | None]:
@@ -136,8 +135,7 @@ class Pairs:
         if not english:
             return test, None
         translated = translate_examples(test, self.fields, nllb_code(self.lang), "eng_Latn", self.translator,
-                                        self.cache("test", "x-en"), self.batch_size,
-                                        desc=f"translate-test {self.lang.code}->en")
+                                        self.cache("test", "x-en"), desc=f"translate-test {self.lang.code}->en")
         return test, [{**ex, **t} for ex, t in zip(test, translated)]
 
     def missing(self, split: str, direction: str) -> int:
@@ -151,7 +149,7 @@ class Pairs:
         which the gold answers are in (the English answer stays in ``output``)."""
         answers = [{"id": r["id"], "answer": r["prediction"] or ""} for r in rows]
         translated = translate_examples(answers, ["answer"], "eng_Latn", nllb_code(self.lang), self.translator,
-                                        out / "answers-en-x" / f"{self.translator.name}.jsonl", self.batch_size,
+                                        out / "answers-en-x" / f"{self.translator.name}.jsonl",
                                         desc="translate answers back")
         for row, fields in zip(rows, translated):
             row["output"], row["prediction"] = row["prediction"], fields["answer"]

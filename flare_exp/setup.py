@@ -186,8 +186,7 @@ class Setup:
     @cached_property
     def pairs(self) -> Pairs:
         return Pairs(self.examples, self.lang, self.translator,
-                     lambda split, direction: record.translation_cache(self.cfg, split, direction),
-                     self.cfg.mt.get("batch_size", 16))
+                     lambda split, direction: record.translation_cache(self.cfg, split, direction))
 
     def check_data(self) -> dict[str, int]:
         """Read and check every split the run reads, before any model loads (they stay read);

@@ -42,8 +42,10 @@ def nllb_code(lang_cfg) -> str:
 
 
 class NLLBTranslator:
-    """NLLB-200 (or any NLLB-shaped seq2seq model) with length-sorted batches; ``beams=None``
-    decodes with the model's own generation settings."""
+    """NLLB-200 (or any NLLB-shaped seq2seq model); ``beams=None`` decodes with the model's own
+    generation settings. The texts of one call are sorted by their token count and cut into
+    batches of at most ``batch_size * max_length`` source tokens (padding included): many short
+    sentences go together, long ones a few at a time, at one bound of memory."""
 
     def __init__(self, model: str, beams: int | None = None, max_length: int = 256, batch_size: int = 16,
                  device: str | torch.device = "cpu", dtype: str = "auto"):
@@ -56,14 +58,27 @@ class NLLBTranslator:
         self.model = AutoModelForSeq2SeqLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.beams, self.max_length, self.batch_size = beams, max_length, batch_size
 
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of texts of ``lengths`` tokens, longest first, in batches whose padded size
+        stays within the token budget."""
+        budget = self.batch_size * self.max_length
+        batches, current = [], []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            longest = lengths[current[0]] if current else min(lengths[i], self.max_length)
+            if current and (len(current) + 1) * longest > budget:
+                batches.append(current)
+                current = []
+            current.append(i)
+        return batches + ([current] if current else [])
+
     @torch.no_grad()
     def translate(self, texts: list[str], src: str, tgt: str) -> list[str]:
         self.tokenizer.src_lang = src
         target_id = self.tokenizer.convert_tokens_to_ids(tgt)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        lengths = [min(len(ids), self.max_length) for ids in self.tokenizer(texts, truncation=True,
+                                                                            max_length=self.max_length)["input_ids"]]
         out: list[str] = [""] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        for chunk in self.batches(lengths):
             batch = self.tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                                    truncation=True, max_length=self.max_length).to(self.device)
             decoding = {"num_beams": self.beams} if self.beams else {}  # None: the model's own settings
@@ -137,31 +152,38 @@ def _drop_partial_line(path: Path) -> None:
             handle.truncate(data.rfind(b"\n") + 1)
 
 
+SYNC_EVERY = 1024  # examples translated between two writes (and fsyncs) of the cache
+
+
 def translate_examples(examples: list[dict], fields: list[str], src: str, tgt: str, translator, path: Path,
-                       batch_size: int = 32, desc: str = "translate") -> list[dict]:
+                       part: int = SYNC_EVERY, desc: str = "translate") -> list[dict]:
     """``{id: {field: translation}}`` for ``examples``, from the cache where it has them.
 
-    New translations are appended to ``path`` batch by batch (flushed and synced), so a killed
-    stage loses at most the batch in flight. The cache's writer holds its lock: a job that finds
-    translations missing waits for it, then reads again and translates only what is still missing.
+    The missing examples are sorted by length over the whole split and handed to the translator
+    ``part`` at a time (it batches them by tokens); each part is appended to ``path`` and synced
+    once, so a killed stage loses at most the part in flight and a split costs
+    ``ceil(missing / part)`` fsyncs. The cache's writer holds its lock: a job that finds
+    translations missing waits for it, then reads again and translates only what is still
+    missing.
     """
     done = read_cache(path)
     if any(ex["id"] not in done for ex in examples):
         with file_lock(path.with_name(path.name + ".lock")):
             done = read_cache(path)  # what a writer before us added
-            _translate_missing(examples, fields, src, tgt, translator, path, batch_size, desc, done)
+            _translate_missing(examples, fields, src, tgt, translator, path, part, desc, done)
     return [done[ex["id"]] for ex in examples]
 
 
-def _translate_missing(examples, fields, src, tgt, translator, path: Path, batch_size: int, desc: str,
+def _translate_missing(examples, fields, src, tgt, translator, path: Path, part: int, desc: str,
                        done: dict) -> None:
-    todo = [ex for ex in examples if ex["id"] not in done]
+    todo = sorted((ex for ex in examples if ex["id"] not in done),
+                  key=lambda ex: -sum(len(ex[f]) for f in fields))  # similar lengths side by side
     if todo:
         _drop_partial_line(path)
         started = time.perf_counter()
         with path.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc=desc, unit="ex") as bar:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
+            for start in range(0, len(todo), part):
+                chunk = todo[start:start + part]
                 translated = {f: translator.translate([ex[f] for ex in chunk], src, tgt) for f in fields}
                 for i, ex in enumerate(chunk):
                     row = {"id": ex["id"], "fields": {f: translated[f][i] for f in fields}}
@@ -213,7 +235,7 @@ def locate_answer(translated: str, markers: tuple[str, str]) -> tuple[dict | Non
     return {"context": context, "answer": answer, "answer_start": start}, "kept"
 
 
-def project_qa(examples: list[dict], translator, src: str, tgt: str, path: Path, batch_size: int = 16,
+def project_qa(examples: list[dict], translator, src: str, tgt: str, path: Path, part: int = SYNC_EVERY,
                desc: str = "translate-train") -> tuple[list[dict], dict]:
     """Translate QA examples with their answers (marker method); drop those whose markers are
     lost or duplicated. Returns the kept examples and the counts."""
@@ -222,7 +244,7 @@ def project_qa(examples: list[dict], translator, src: str, tgt: str, path: Path,
         context, pair = mark_answer(ex)
         marked.append({"id": ex["id"], "context": context, "question": ex["question"]})
         markers[ex["id"]] = pair
-    translated = translate_examples(marked, ["context", "question"], src, tgt, translator, path, batch_size, desc)
+    translated = translate_examples(marked, ["context", "question"], src, tgt, translator, path, part, desc)
     kept, counts = [], {"kept": 0, "lost": 0, "duplicated": 0}
     for ex, fields in zip(examples, translated):
         located, status = locate_answer(fields["context"], markers[ex["id"]])

@@ -57,7 +57,7 @@ def test_marker_kept_lost_and_duplicated():
 def test_project_qa_counts_and_drops(tmp_path):
     examples = [qa(f"Item {i} costs {i}0 dollars.", f"{i}0") | {"id": f"q{i}"} for i in range(6)]
     kept, counts = project_qa(examples, FakeTranslator(lose_markers_in=("Item 0 ", "Item 3 ")), "eng_Latn", "swh_Latn",
-                              tmp_path / "cache.jsonl", batch_size=4)
+                              tmp_path / "cache.jsonl", part=4)
     assert counts == {"kept": 4, "lost": 2, "duplicated": 0, "total": 6}  # q0 and q3 lose their markers
     assert [k["id"] for k in kept] == ["q1", "q2", "q4", "q5"]
     for example in kept:
@@ -192,3 +192,28 @@ def test_translate_stage_reports(tmp_path, qa_data, capsys, make_cfg):
     assert report["train_examples"] == 40 and report["test_examples"] == 12
     assert report["answer_projection"]["kept"] == 40
     assert (tmp_path / "translations/tydiqa/report-sw-fake.json").is_file()
+
+
+def test_translation_batches_are_sized_by_tokens_longest_first():
+    from flare_exp.translate import NLLBTranslator
+
+    translator = NLLBTranslator.__new__(NLLBTranslator)  # the batching alone, no model
+    translator.batch_size, translator.max_length = 4, 10  # a budget of 40 padded tokens a batch
+    lengths = [3, 10, 2, 10, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    batches = translator.batches(lengths)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [[lengths[i] for i in b] for b in batches][:2] == [[10, 10, 5, 3], [2] * 18]
+    assert all(len(b) * max(lengths[i] for i in b) <= 40 for b in batches)
+
+
+def test_a_split_is_translated_longest_first_in_parts_with_one_sync_each(tmp_path, monkeypatch):
+    import os
+
+    examples = [{"id": f"e{i}", "text": "w " * (i % 7 + 1)} for i in range(10)]
+    translator, syncs = CountingTranslator(), []
+    monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd))
+    translate_examples(examples, ["text"], "eng_Latn", "swh_Latn", translator, tmp_path / "c.jsonl", part=4)
+    assert translator.calls == 3 and len(syncs) == 3  # ceil(10 / 4) parts, one fsync each
+    written = [json.loads(line)["id"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    lengths = [len(examples[int(i[1:])]["text"]) for i in written]
+    assert lengths == sorted(lengths, reverse=True)
