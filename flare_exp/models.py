@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -25,22 +24,6 @@ def package_path(spec: str) -> Path:
             f"The Python package {package!r} is not installed: `make install` installs the offline models."
         )
     return Path(list(found.submodule_search_locations)[0]) / rest
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def model_in_local_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def pick_device(name: str) -> torch.device:

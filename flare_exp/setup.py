@@ -14,13 +14,15 @@ import torch
 from omegaconf import DictConfig
 
 from . import adapters, record
+from .access import preflight
 from .data.collate import Batcher
 from .data.qa import SpanBatcher
 from .errors import ConfigError
+from .settings import check_settings
 from .evaluate import predict, score
 from .flare.mt import load_mt_encoder
 from .methods import method_for
-from .models import hub_reachable, load_base_model, load_tokenizer, model_in_local_cache, pick_device, save_once
+from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
@@ -32,50 +34,6 @@ STAGES = ("run", "translate", "stage1", "stage2", "evaluate")
 def _choices(group: str) -> list[str]:
     folder = Path(__file__).resolve().parent.parent / "conf" / group
     return sorted(p.stem for p in folder.glob("*.yaml"))
-
-
-def _number(value, name: str, low: float, high: float | None = None, *, integer: bool = False,
-            low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
-    """Refuse a setting outside [low, high] (``*_open``: the bound excluded) in one sentence."""
-    if value is None and optional:
-        return
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            high is None or (value < high if high_open else value <= high))
-    if not ok:
-        bounds = f"{'(' if low_open else '['}{low:g}, {'∞)' if high is None else f'{high:g}' + (')' if high_open else ']')}"
-        raise ConfigError(f"{name} must be {kind} in {bounds}, got {value!r}.")
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Refuse, one sentence each, a training, data or task setting that cannot run (a negative
-    learning rate, no epochs, an empty batch ...), before anything trains."""
-    for group in ("stage1", "train"):
-        settings = cfg[group]
-        _number(settings.lr, f"{group}.lr", 0, low_open=True)
-        _number(settings.batch_size, f"{group}.batch_size", 1, integer=True)
-        _number(settings.grad_accum, f"{group}.grad_accum", 1, integer=True)
-        _number(settings.epochs, f"{group}.epochs", 1, integer=True)
-        _number(settings.get("max_steps"), f"{group}.max_steps", 1, integer=True, optional=True)
-        _number(settings.warmup_ratio, f"{group}.warmup_ratio", 0, 1)
-        _number(settings.weight_decay, f"{group}.weight_decay", 0)
-        _number(settings.r, f"{group}.r", 1, integer=True)
-        _number(settings.alpha, f"{group}.alpha", 0, low_open=True)
-        _number(settings.dropout, f"{group}.dropout", 0, 1, high_open=True)
-        _number(settings.checkpoint_every, f"{group}.checkpoint_every", 0, integer=True)
-    train = cfg.train
-    _number(train.eval_batch_size, "train.eval_batch_size", 1, integer=True)
-    _number(train.get("eval_every"), "train.eval_every", 0, integer=True, optional=True)
-    task = cfg.task
-    _number(task.max_length, "task.max_length", 8, integer=True)
-    _number(task.max_new_tokens, "task.max_new_tokens", 1, integer=True)
-    if task.type == "qa" and task.get("stride") is not None:
-        _number(task.stride, "task.stride", 0, task.max_length, integer=True, high_open=True)
-    for cap in ("max_train", "max_validation", "max_test"):
-        _number(cfg.data.get(cap), f"data.{cap}", 1, integer=True, optional=True)
 
 
 def check(cfg: DictConfig, access: bool = True) -> None:
@@ -112,27 +70,7 @@ def check(cfg: DictConfig, access: bool = True) -> None:
     if model.get("prompt_format", expected_format) != expected_format:
         raise ConfigError(f"Model {model.name} ({model.kind}) supports prompt_format={expected_format} only.")
     if access:
-        check_access(cfg, method, translates)
-
-
-def check_access(cfg: DictConfig, method, translates: bool) -> None:
-    """Refuse a run that needs the hub (its model, data or MT models) where it cannot be reached."""
-    task, model, mt = cfg.task, cfg.model, cfg.mt
-    hub_model = model.source == "hub" and not model_in_local_cache(model.path)
-    hub_data = not task.local and not cfg.data.dir and not cfg.data.get("hub_mirror")
-    mt_models = [mt.get("model")] if translates and mt.get("model") else []
-    if method.needs_mt_encoder and method.cfg.encoder != "tiny":
-        mt_models.append(method.cfg.encoder)
-    hub_mt = [m for m in mt_models if not model_in_local_cache(m)]
-    if (hub_model or hub_data or hub_mt) and not hub_reachable():
-        needs = [f"model {model.path}"] * hub_model + [f"task {task.name} data"] * hub_data
-        needs += [f"MT model {m}" for m in hub_mt]
-        raise ConfigError(
-            f"The Hugging Face hub cannot be reached and this run needs it ({', '.join(needs)}): "
-            "run the offline demo with `python run.py experiment=demo` (make run), or point "
-            "data.dir at a local data directory and use an offline model (minilm, smollm2-135m) "
-            "with mt=gold."
-        )
+        preflight([cfg])
 
 
 @dataclass

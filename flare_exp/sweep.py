@@ -21,7 +21,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from .access import preflight
 from .methods import method_for
+from .settings import check_settings
 from .report.experiments import command, split_experiment, sweep_configs, sweep_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,11 +31,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPENDS = {"translate": {"task", "lang", "mt", "data.dir"}, "stage1": {"task", "model", "seed", "data.dir"}}
 
 
-def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: bool, ids: Path) -> list[tuple]:
-    """(stage, run.py arguments) of each stage of ``experiment``, in order."""
-    composed = [f"hydra/launcher={launcher}", *overrides]  # hydra.launcher.* overrides need their launcher
-    jobs, params = sweep_configs(experiment, composed), sweep_params(experiment, composed)
-    methods = [method_for(cfg.method) for _, cfg in jobs]  # an unknown method stops the sweep before it starts
+def jobs_of(experiment: str, overrides: list[str], launcher: str) -> list[tuple]:
+    """(choices, composed config) of every job of the sweep (``hydra.launcher.*`` overrides need
+    their launcher chosen)."""
+    return sweep_configs(experiment, [f"hydra/launcher={launcher}", *overrides])
+
+
+def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: bool, ids: Path,
+                   jobs: list[tuple] | None = None) -> list[tuple]:
+    """(stage, run.py arguments) of each stage of ``experiment`` (its ``jobs``, composed here
+    where not given), in order; an unknown method stops it."""
+    jobs = jobs if jobs is not None else jobs_of(experiment, overrides, launcher)
+    params = sweep_params(experiment, [f"hydra/launcher={launcher}", *overrides])
+    methods = [method_for(cfg.method) for _, cfg in jobs]
     translates = any(cfg.mt.name != "gold" and method.translations for (_, cfg), method in zip(jobs, methods))
     base = [str(ROOT / "run.py"), "-m", f"experiment={experiment}", f"hydra/launcher={launcher}", *overrides]
     slurm = launcher == "slurm"
@@ -69,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     experiment, rest = split_experiment(args.overrides)
     output = next((o.split("=", 1)[1] for o in rest if o.startswith("output_dir=")), "outputs")
+    jobs = jobs_of(experiment, rest, args.launcher)
+    for _, cfg in jobs:  # before anything is submitted: every job's settings,
+        check_settings(cfg)
+    preflight([cfg for _, cfg in jobs])  # its method and every hub repository it reads
     ids = chain_folder(output, experiment)
-    for stage, command in stage_commands(experiment, rest, args.launcher, args.wait, ids):
-        print(f"== {stage}: run.py {' '.join(command[2:])}", flush=True)
-        done = subprocess.run([sys.executable, *command])
+    for stage, arguments in stage_commands(experiment, rest, args.launcher, args.wait, ids, jobs):
+        print(f"== {stage}: run.py {' '.join(arguments[2:])}", flush=True)
+        done = subprocess.run([sys.executable, *arguments])
         if done.returncode:
             print(f"The {stage} sweep failed (exit status {done.returncode}); later stages not started.",
                   file=sys.stderr)

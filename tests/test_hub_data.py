@@ -108,3 +108,21 @@ def test_a_missing_copy_names_the_command_that_downloads_it(tmp_path):
     with pytest.raises(DataError, match=r"huggingface-cli download indonlp/NusaX-senti --repo-type dataset "
                                         r"--revision refs/convert/parquet"):
         load_examples(task_config("nusax"), "jav", "test", hub_mirror=tmp_path)
+
+
+def test_offline_a_dataset_loads_from_the_hub_cache_as_downloaded(tmp_path, mirror, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "datasets--indonlp--NusaX-senti"
+    commit = "1" * 40
+    (repo / "refs" / "refs" / "convert").mkdir(parents=True)
+    (repo / "refs" / "refs" / "convert" / "parquet").write_text(commit)  # a branch named refs/convert/parquet
+    shutil.copytree(mirror_folder(mirror, "indonlp/NusaX-senti", "refs/convert/parquet"), repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = load_examples(task_config("nusax"), "jav", "test")
+    assert [r["text"] for r in rows] == [f"jav test {i}" for i in range(4)]
+    with pytest.raises(DataError, match=r"not in the hub cache: `huggingface-cli download facebook/xnli --repo-type"):
+        load_examples(task_config("xnli"), "sw", "test")

@@ -43,7 +43,7 @@ def test_root_defaults_are_the_paper_headline_setting(make_cfg):
 
 def test_offline_default_stops_before_loading_with_the_alternative(monkeypatch, make_cfg):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"experiment=demo"):
+    with pytest.raises(ConfigError, match=r"huggingface-cli download meta-llama/Llama-3\.1-8B`.*experiment=demo"):
         check(make_cfg(["method=flare", "lang=sw"]))
 
 

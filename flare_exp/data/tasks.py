@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -164,14 +165,29 @@ def hub_split(hub: DictConfig, config: str, split: str, mirror: str | Path | Non
 
     revision = hub.get("revision")
     where = {"data_dir": hub.data_dir.format(config=config)} if hub.get("data_dir") else {"name": config}
+    download = f"huggingface-cli download {hub.path} --repo-type dataset" + (f" --revision {revision}" if revision else "")
     if mirror:
         folder = mirror_folder(mirror, hub.path, revision)
         if not folder.is_dir():
             raise DataError(f"No copy of the hub dataset {hub.path} (revision {revision or 'main'}) in {folder}: "
-                            f"download it with `huggingface-cli download {hub.path} --repo-type dataset"
-                            f"{f' --revision {revision}' if revision else ''} --local-dir {folder}`.")
+                            f"download it with `{download} --local-dir {folder}`.")
         return datasets.load_dataset(str(folder), split=split, **where)
+    if _offline():  # the repository's files as `huggingface-cli download` left them in the hub cache
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = snapshot_download(hub.path, repo_type="dataset", revision=revision, local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise DataError(f"Offline, and the hub dataset {hub.path} is not in the hub cache: `{download}` where "
+                            "the hub can be reached (the same HF_HOME), or point data.dir at a local copy.") from None
+        return datasets.load_dataset(folder, split=split, **where)
     return datasets.load_dataset(hub.path, split=split, revision=revision, **where)
+
+
+def _offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
+    return any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 
 def _squad_hub(cfg: DictConfig, lang: str, name: str, split: str, mirror=None) -> list[dict]:
