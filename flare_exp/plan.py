@@ -9,24 +9,26 @@ the translation cache exists, the stage-1 adapter is cached, the run's results.j
 Estimates: training steps x the step time of the (model, method) row at the paper's batch and
 length (scaled to the task's length and the configured batch), evaluation at a third of a step
 per batch, translation at ``TRANSLATE_PER_S``, ``STARTUP_S`` for every stage-1 and stage-2 job's
-start; each row says whether its figures were measured or estimated.
+start; each row says whether its figures were measured or estimated. Each job is costed as it
+will run, with the memory remedy its GPU needs (``flare_exp.memory``), and the plan ends with the
+estimated peak memory and remedy of every training job class.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from . import memory
+from .memory import THROUGHPUT
 from .methods import method_class, method_for
 from .record import STAGE1_RECORD, RESULTS, run_dir, stage1_dir, translation_cache
 from .report.experiments import command, split_experiment, sweep_configs
 
-THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
 # English training, validation and per-language test sizes of the paper's tasks (their dataset
 # cards: MultiNLI train for XNLI, TyDiQA-GoldP, NusaX-senti); the demo is generated.
 SIZES = {
@@ -45,10 +47,6 @@ def _size(task: str, split: str, lang: str) -> int:
     return size.get(lang, 0) if isinstance(size, dict) else size
 
 
-def _throughput(path: Path = THROUGHPUT) -> dict:
-    return {(r["model"], r["method"], r["gradient_checkpointing"] == "True"): r for r in csv.DictReader(path.open())}
-
-
 def _step(table: dict, cfg: DictConfig, method, settings: DictConfig) -> tuple[float, str]:
     """(seconds per optimizer step, measured | estimate) of ``method`` (its throughput row,
     ``Method.cost_row``; stage 1 is costed as LoRA) on ``cfg``'s model."""
@@ -64,8 +62,10 @@ LORA = method_class("lora")  # stage 1 trains a LoRA adapter
 
 
 def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -> dict:
-    """{stage: {"jobs", "done", "hours", "sources"}} of the experiment's sweep."""
-    table = _throughput(table_path)
+    """{stage: {"jobs", "done", "hours", "sources"}} of the experiment's sweep, and under
+    ``"memory"`` each training job class's fit (``memory_fits``)."""
+    table = memory.throughput_table(table_path)
+    fits: dict = {}
     stages = {name: {"jobs": {}, "done": 0, "hours": 0.0, "sources": set()}
               for name in ("translate", "stage1", "stage2")}
 
@@ -79,8 +79,10 @@ def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -
             entry["hours"] += hours
             entry["sources"].add(source)
 
-    for _, cfg in sweep_configs(experiment, overrides):
+    for _, cfg in sweep_configs(experiment, overrides, fit=False):
         method, task, lang = method_for(cfg.method), cfg.task.name, cfg.lang.code
+        fits.update(memory.job_fits(cfg, table))
+        cfg = memory.fitted(cfg, table)  # the job as it runs: its remedy applied
         if cfg.mt.name != "gold":
             for split, direction in method.translations:
                 path = translation_cache(cfg, split, direction)
@@ -97,20 +99,32 @@ def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -
         evaluations = 10 * math.ceil(_size(task, "validation", lang) / cfg.train.batch_size) * method.trains
         hours = (STARTUP_S + (steps if method.trains else 0) * step + (batches + evaluations) * step / 3) / 3600
         add("stage2", run_dir(cfg), (run_dir(cfg) / RESULTS).is_file(), hours, source)
-    return {name: {"jobs": len(e["jobs"]), "done": e["done"], "hours": e["hours"],
-                   "sources": sorted(e["sources"])} for name, e in stages.items()}
+    return {**{name: {"jobs": len(e["jobs"]), "done": e["done"], "hours": e["hours"],
+                      "sources": sorted(e["sources"])} for name, e in stages.items()}, "memory": fits}
 
 
 def format_plan(experiment: str, stages: dict) -> str:
     lines = [f"{experiment}: the plan before anything is submitted", "",
              "| stage | jobs | done | to run | GPU-hours to run | figures |", "|---|---|---|---|---|---|"]
     for name, s in stages.items():
+        if name == "memory":
+            continue
         hours = "–" if not s["jobs"] - s["done"] else f"{s['hours']:,.1f}" if s["hours"] >= 1 else f"{s['hours']:.2f}"
         lines.append(f"| {name} | {s['jobs']} | {s['done']} | {s['jobs'] - s['done']} | {hours} | "
                      f"{', '.join(s['sources']) or '–'} |")
-    total = sum(s["hours"] for s in stages.values())
+    total = sum(s["hours"] for n, s in stages.items() if n != "memory")
     lines += ["", f"GPU-hours to run in all: {total:,.1f} (step times from {THROUGHPUT.name}: "
               "the measured rows on one H100, the others estimates)."]
+    fits = stages.get("memory") or {}
+    if fits:
+        lines += ["", "Peak GPU memory of each training job class (estimated from the throughput rows' peaks; "
+                  "flare_exp/memory.py):", "",
+                  "| stage | task | model | method | tokens | peak GB | remedy | peak GB after | fits |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (stage, task, model, label, length), f in sorted(fits.items()):
+            remedy = " ".join(f"{k}={v}" for k, v in f.remedy.items()) or "–"
+            lines.append(f"| {stage} | {task} | {model} | {label} | {length} | {f.peak_gb:.1f} | {remedy} | "
+                         f"{f.remedied_gb:.1f} | {'yes' if f.fits else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ STAGE1_RECORD = "stage1.json"
 # reads (stage=evaluate writes beside the run it evaluates, in sources/).
 NOT_IDENTITY = ("hydra", "output_dir", "tracking", "force", "device", "stage", "experiment_name",
                 "train.checkpoint_every", "train.eval_batch_size", "stage1.checkpoint_every", "data.empty_texts",
-                "data.hub_mirror",
+                "data.hub_mirror", "cluster",
                 "chain", "train.save_adapter", "source")
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import adapters, distributed, record
 from .errors import ConfigError, InputsMissing
+from .memory import fitted
 from .setup import Setup, _choices
 from .sources import english_source
 from .tracking import tracker
@@ -26,7 +27,7 @@ from .translate import translation_quality
 
 def run(cfg: DictConfig, job_dir: Path | None = None) -> dict | None:
     """Run the stage ``cfg.stage`` of one (task, model, method, lang, seed); its report or record."""
-    setup = Setup(cfg)
+    setup = Setup(fitted(cfg))  # with the memory remedy its GPU needs (the same config where none)
     stage = {"translate": translate, "stage1": stage1, "evaluate": evaluate}.get(cfg.stage, train_and_test)
     return stage(setup, job_dir) if stage is train_and_test else stage(setup)
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment, rest = split_experiment(args.overrides)
     output = next((o.split("=", 1)[1] for o in rest if o.startswith("output_dir=")), "outputs")
     jobs = jobs_of(experiment, rest, args.launcher)
-    for _, cfg in jobs:  # before anything is submitted: every job's settings,
+    for _, cfg in jobs:  # before anything is submitted (each job fitted to its GPU): every job's settings,
         check_settings(cfg)
     preflight([cfg for _, cfg in jobs])  # its method and every hub repository it reads
     ids = chain_folder(output, experiment)

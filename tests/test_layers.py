@@ -17,7 +17,7 @@ PACKAGE = ROOT / "flare_exp"
 LAYERS = [
     ("core", {"flare"}),                                                       # the method as a library
     ("foundations", {"errors", "settings", "locking", "distributed", "metrics", "sources", "paper_results", "data"}),
-    ("record", {"methods", "record", "access"}),                               # no model library
+    ("record", {"methods", "record", "access", "memory"}),                     # no model library
     ("machinery", {"models", "translate", "pairs", "train", "evaluate", "xmixup", "adapters", "stage1",
                    "tracking"}),
     ("run", {"setup", "stages"}),                                               # a run set up once, its stages
@@ -97,7 +97,7 @@ def test_the_import_graph_is_read_from_the_code():
 
 @pytest.mark.parametrize("modules", [
     ["flare_exp.tables"], ["flare_exp.plan"], ["flare_exp.sweep"], ["flare_exp.sensitivity"],
-    ["flare_exp.record", "flare_exp.methods", "flare_exp.access", "flare_exp.settings", "flare_exp.report.summary",
+    ["flare_exp.record", "flare_exp.methods", "flare_exp.access", "flare_exp.memory", "flare_exp.settings", "flare_exp.report.summary",
      "hydra_plugins.flare_exp_launcher"],
 ])
 def test_records_reports_and_orchestration_load_no_model_library(modules):

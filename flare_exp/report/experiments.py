@@ -10,6 +10,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
+from ..memory import fitted
 from ..record import run_dir
 
 CONF = Path(__file__).resolve().parent.parent.parent / "conf"
@@ -33,8 +34,9 @@ def sweep_params(experiment: str, overrides: list[str]) -> dict[str, list[str]]:
                       return_hydra_config=True)
     return {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
 
-def sweep_configs(experiment: str, overrides: list[str]) -> list[tuple[dict, DictConfig]]:
-    """(choices, composed config) of every job of ``experiment``'s sweep."""
+def sweep_configs(experiment: str, overrides: list[str], fit: bool = True) -> list[tuple[dict, DictConfig]]:
+    """(choices, composed config) of every job of ``experiment``'s sweep; ``fit``: as the job runs,
+    with the memory remedy it needs applied (``flare_exp.memory.fitted``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -42,8 +44,9 @@ def sweep_configs(experiment: str, overrides: list[str]) -> list[tuple[dict, Dic
     GlobalHydra.instance().clear()
     base = [f"experiment={experiment}", *overrides]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return [(choice, compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())]))
+        jobs = [(choice, compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())]))
                 for choice in (dict(zip(params, values)) for values in itertools.product(*params.values()))]
+    return [(choice, fitted(cfg)) for choice, cfg in jobs] if fit else jobs
 
 def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:
     """(choices, run directory) of every job of ``experiment``'s sweep."""
@@ -57,7 +60,7 @@ def command(main: Callable[[], object]) -> int:
 
     try:
         returned = main()
-    except (ValueError, HydraException) as error:
+    except (ValueError, HydraException) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     return returned if isinstance(returned, int) else 0

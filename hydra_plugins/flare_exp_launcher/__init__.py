@@ -82,11 +82,13 @@ class TolerantSlurmLauncher(SlurmLauncher):
     def _finished(self, number: int, overrides) -> bool:
         """Whether the job's work is done; a finished run's job folder then points at its results,
         so that the sweep's summary lists it."""
+        from flare_exp.memory import fitted
         from flare_exp.record import POINTER, RESULTS, finished, run_dir, write_json_atomic
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg):
             del cfg["hydra"]
+        cfg = fitted(cfg)  # as the job will run: with its memory remedy
         if not finished(cfg):
             return False
         if cfg.stage in ("run", "stage2"):
