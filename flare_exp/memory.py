@@ -25,6 +25,7 @@ from omegaconf import DictConfig, open_dict
 
 from .errors import ConfigError
 from .methods import method_class, method_for
+from .settings import check_settings
 
 THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
 
@@ -125,6 +126,7 @@ def job_fits(cfg: DictConfig, table: dict | None = None) -> dict:
 def fitted(cfg: DictConfig, table: dict | None = None) -> DictConfig:
     """``cfg`` with the remedy of each of its training stages applied (the same config where it
     fits as it is); a job no remedy fits is refused (ConfigError, one sentence)."""
+    check_settings(cfg)  # the batch sizes and lengths it reads
     fits = job_fits(cfg, table)
     if not any(f.remedy for f in fits.values()):
         _refuse_what_cannot_fit(fits, cfg)
