@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from .data.tasks import offline
 from .errors import ConfigError
 from .methods import method_for
 
@@ -64,12 +65,6 @@ def needs(cfg: DictConfig) -> list[Need]:
         hub = task.source.hub
         found.append(Need(hub.path, "dataset", hub.get("revision"), what=f"{task.name} data"))
     return found
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def cached(need: Need) -> bool:
@@ -122,7 +117,7 @@ def _network_error(error: Exception) -> bool:
 def preflight(cfgs: list[DictConfig]) -> list[Need]:
     """Check every hub repository the jobs of ``cfgs`` read, each once; the repositories checked."""
     found = list(dict.fromkeys(n for cfg in cfgs for n in needs(cfg)))
-    if _offline():
+    if offline():
         missing = [n for n in found if not cached(n)]
         if missing:
             first = missing[0]

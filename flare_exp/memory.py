@@ -128,16 +128,14 @@ def fitted(cfg: DictConfig, table: dict | None = None) -> DictConfig:
     fits as it is); a job no remedy fits is refused (ConfigError, one sentence)."""
     check_settings(cfg)  # the batch sizes and lengths it reads
     fits = job_fits(cfg, table)
-    if not any(f.remedy for f in fits.values()):
-        _refuse_what_cannot_fit(fits, cfg)
-        return cfg
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for f in fits.values():
-            for key, value in f.remedy.items():
+    _refuse_what_cannot_fit(fits, cfg)
+    remedy = {key: value for f in fits.values() for key, value in f.remedy.items()}
+    if remedy:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            for key, value in remedy.items():
                 group, name = key.split(".")
                 cfg[group][name] = value
-    _refuse_what_cannot_fit(fits, cfg)
     return cfg
 
 

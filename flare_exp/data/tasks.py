@@ -172,7 +172,7 @@ def hub_split(hub: DictConfig, config: str, split: str, mirror: str | Path | Non
             raise DataError(f"No copy of the hub dataset {hub.path} (revision {revision or 'main'}) in {folder}: "
                             f"download it with `{download} --local-dir {folder}`.")
         return datasets.load_dataset(str(folder), split=split, **where)
-    if _offline():  # the repository's files as `huggingface-cli download` left them in the hub cache
+    if offline(datasets=True):  # the repository's files as `huggingface-cli download` left them in the hub cache
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -185,9 +185,11 @@ def hub_split(hub: DictConfig, config: str, split: str, mirror: str | Path | Non
     return datasets.load_dataset(hub.path, split=split, revision=revision, **where)
 
 
-def _offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
-    return any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+def offline(datasets: bool = False) -> bool:
+    """Whether the hub is switched off (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``; ``datasets``:
+    ``HF_DATASETS_OFFLINE`` too), read from the environment as it is now."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") + (("HF_DATASETS_OFFLINE",) if datasets else ())
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in names)
 
 
 def _squad_hub(cfg: DictConfig, lang: str, name: str, split: str, mirror=None) -> list[dict]:
