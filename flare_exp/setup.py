@@ -6,6 +6,7 @@ assembled in one place (stage 1, FLARE MT's encoder, the method's adapter). The 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,8 @@ from .pairs import Examples, LazyTranslator, Pairs
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
+
+log = logging.getLogger(__name__)
 
 STAGES = ("run", "translate", "stage1", "stage2", "evaluate")
 
@@ -159,6 +162,11 @@ class Setup:
         """The batcher of this run's method (``plain``: of stage 1, whatever the method)."""
         factor = 1 if plain else self.method.length_factor
         max_length = int(self.task.max_length * factor)
+        limit = int(self.tokenizer.model_max_length)
+        if max_length > limit:  # XLM-R's 512 positions under input fusion's doubled TyDiQA length
+            log.warning("%s reads at most %d tokens: %s's inputs of %d tokens are cut to %d (QA: more windows).",
+                        self.model_cfg.name, limit, self.method.label, max_length, limit)
+            max_length = limit
         mt_tokenizer = self.mt_encoder.tokenizer if not plain and self.method.needs_mt_encoder else None
         mt_lang = nllb_code(self.lang) if mt_tokenizer is not None else None
         if self.task.type == "qa" and self.model_cfg.kind == "encoder":

@@ -73,6 +73,9 @@ class NLLBTranslator:
 
     @torch.no_grad()
     def translate(self, texts: list[str], src: str, tgt: str) -> list[str]:
+        for code in (src, tgt):  # an unknown code would be read as <unk>: a silent wrong language
+            if self.tokenizer.convert_tokens_to_ids(code) in (None, self.tokenizer.unk_token_id):
+                raise ValueError(f"The MT model's tokenizer has no language code {code}: use an NLLB-200 model.")
         self.tokenizer.src_lang = src
         target_id = self.tokenizer.convert_tokens_to_ids(tgt)
         lengths = [min(len(ids), self.max_length) for ids in self.tokenizer(texts, truncation=True,

@@ -48,13 +48,16 @@ class MixupLayer(nn.Module):
         self.lambda0 = lambda0
 
     def forward(self, target, source, source_mask):
-        keep = source_mask.bool()
-        mixed, weights = self.attention(target, source, source, key_padding_mask=~keep, need_weights=True)
+        """The mixed states, in the layer's dtype (a bf16 model's hidden states meet the mixer's
+        trainable weights, which are fp32 as the LoRA weights are: the mixing runs in fp32)."""
+        keep, dtype = source_mask.bool(), self.attention.in_proj_weight.dtype
+        query, source = target.to(dtype), source.to(dtype)
+        mixed, weights = self.attention(query, source, source, key_padding_mask=~keep, need_weights=True)
         p = weights.clamp_min(1e-12)
         entropy = -(p * p.log()).sum(-1, keepdim=True)
         entropy = entropy / math.log(max(int(keep.sum(-1).max()), 2))
         ratio = self.lambda0 * torch.sigmoid(self.gate(entropy.to(self.gate.weight.dtype)))
-        return (1 - ratio) * target + ratio * mixed, ratio
+        return ((1 - ratio) * query + ratio * mixed).to(target.dtype), ratio
 
 
 @contextmanager

@@ -63,6 +63,23 @@ def test_offline_without_the_model_names_the_download_command(tmp_path):
     assert f"`huggingface-cli download {GATED}`" in line
 
 
+def test_models_in_local_folders_need_no_hub_cache(tmp_path):
+    """``model.path=/scratch/llama`` (and a local tokenizer, MT model) is read by from_pretrained
+    as a folder, not a hub repository: offline it needs nothing in the cache."""
+    from flare_exp.access import needs
+
+    from helpers import make_cfg
+
+    folders = {name: tmp_path / name for name in ("llama", "tokenizer", "nllb")}
+    for folder in folders.values():
+        folder.mkdir()
+    cfg = make_cfg(["method=flare", "lang=sw", "data.dir=/nonexistent", f"model.path={folders['llama']}",
+                    f"++model.tokenizer={folders['tokenizer']}", f"mt.model={folders['nllb']}"])
+    assert needs(cfg) == []
+    assert [n.repo for n in needs(make_cfg(["method=flare", "lang=sw", "data.dir=/nonexistent"]))] == [
+        GATED, "facebook/nllb-200-3.3B"]
+
+
 class _Hub(BaseHTTPRequestHandler):
     """/api/models/<repo>/auth-check: the gated model answers 401 without a token and 403 with one."""
 

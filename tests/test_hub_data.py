@@ -8,67 +8,31 @@ from __future__ import annotations
 import pytest
 
 from flare_exp.data import DataError, load_examples
+from flare_exp.data.replicas import write_replica
 from flare_exp.data.tasks import mirror_folder, task_config
 
 NUSAX_LABELS = ["negative", "neutral", "positive"]
 XNLI_LABELS = ["entailment", "neutral", "contradiction"]
 
 
-def _parquet(path, rows: dict, features=None):
-    import datasets
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
-
-
-def _card(folder, configs: dict[str, dict[str, str]]):
-    lines = ["---", "configs:"]
-    for name, splits in configs.items():
-        lines += [f"- config_name: {name}", "  data_files:"]
-        lines += [f"  - split: {split}\n    path: {path}" for split, path in splits.items()]
-    (folder / "README.md").write_text("\n".join(lines + ["---", ""]))
-
-
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory):
-    import datasets
-
     root = tmp_path_factory.mktemp("hub")
-    # NusaX-senti: the script on main, the data on the parquet revision only.
-    main = mirror_folder(root, "indonlp/NusaX-senti", None)
-    main.mkdir(parents=True)
-    (main / "NusaX-senti.py").write_text("import datasets  # a loading script: refused by datasets 5\n")
-    parquet = mirror_folder(root, "indonlp/NusaX-senti", "refs/convert/parquet")
-    nusax = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string"),
-                               "lang": datasets.Value("string"), "label": datasets.ClassLabel(names=NUSAX_LABELS)})
-    for config in ("eng", "jav"):
-        for split, n in (("train", 5), ("validation", 3), ("test", 4)):
-            _parquet(parquet / config / split / "0000.parquet",
-                     {"id": [str(i) for i in range(n)], "text": [f"{config} {split} {i}" for i in range(n)],
-                      "lang": [config] * n, "label": [i % 3 for i in range(n)]}, nusax)
-    # XNLI: parquet on main, a config per language in the card.
-    xnli = mirror_folder(root, "facebook/xnli", None)
-    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=XNLI_LABELS)})
-    for code in ("en", "sw"):
-        for split, n in (("train", 6), ("validation", 3), ("test", 3)):
-            _parquet(xnli / code / f"{split}-00000-of-00001.parquet",
-                     {"premise": [f"{code} p{i}" for i in range(n)], "hypothesis": [f"{code} h{i}" for i in range(n)],
-                      "label": [(i + 1) % 3 for i in range(n)]}, features)
-    _card(xnli, {code: {s: f"{code}/{s}-*" for s in ("train", "validation", "test")} for code in ("en", "sw")})
-    # TyDiQA: the GoldP task is the secondary_task config, every language in one file.
-    tydiqa = mirror_folder(root, "google-research-datasets/tydiqa", None)
-    qa = datasets.Features({"id": datasets.Value("string"), "title": datasets.Value("string"),
-                            "context": datasets.Value("string"), "question": datasets.Value("string"),
-                            "answers": datasets.Sequence({"text": datasets.Value("string"),
-                                                          "answer_start": datasets.Value("int32")})})
-    for split in ("train", "validation"):
-        ids = [f"{name}--{split}{i}-0" for name in ("english", "swahili") for i in range(3)]
-        _parquet(tydiqa / "secondary_task" / f"{split}-00000-of-00001.parquet",
-                 {"id": ids, "title": ["t"] * 6, "context": [f"In {i} it rained." for i in ids],
-                  "question": ["When?"] * 6,
-                  "answers": [{"text": [i], "answer_start": [3]} for i in ids]}, qa)
-    _card(tydiqa, {c: {s: f"{c}/{s}-*" for s in ("train", "validation")} for c in ("secondary_task",)})
+    nusax, xnli, tydiqa = task_config("nusax"), task_config("xnli"), task_config("tydiqa")
+    names = {"en": "eng", "jav": "jav"}
+    write_replica(root, nusax, {
+        (lang, split): [{"text": f"{names[lang]} {split} {i}", "label": NUSAX_LABELS[i % 3]} for i in range(n)]
+        for lang in names for split, n in (("train", 5), ("validation", 3), ("test", 4))})
+    write_replica(root, xnli, {
+        (code, split): [{"premise": f"{code} p{i}", "hypothesis": f"{code} h{i}", "label": XNLI_LABELS[(i + 1) % 3]}
+                        for i in range(n)]
+        for code in ("en", "sw") for split, n in (("train", 6), ("validation", 3), ("test", 3))})
+    write_replica(root, tydiqa, {
+        (code, split): [{"id": f"{name}--{hub_split}{i}-0", "context": f"In {name}--{hub_split}{i}-0 it rained.",
+                         "question": "When?", "answers": [{"text": f"{name}--{hub_split}{i}-0", "answer_start": 3}]}
+                        for i in range(3)]
+        for code, name in (("en", "english"), ("sw", "swahili"))
+        for split, hub_split in (("train", "train"), ("test", "validation"))})
     return root
 
 
@@ -126,3 +90,24 @@ def test_offline_a_dataset_loads_from_the_hub_cache_as_downloaded(tmp_path, mirr
     assert [r["text"] for r in rows] == [f"jav test {i}" for i in range(4)]
     with pytest.raises(DataError, match=r"not in the hub cache: `huggingface-cli download facebook/xnli --repo-type"):
         load_examples(task_config("xnli"), "sw", "test")
+
+
+def test_a_copy_written_again_is_read_again_not_served_from_the_cache(tmp_path):
+    """datasets names a local folder's cache after its name and file patterns: every XNLI copy
+    (<mirror>/facebook/xnli/main) would get the first one's arrow files."""
+    task = task_config("xnli")
+
+    def write(root, word):
+        write_replica(root, task, {(code, split): [{"premise": f"{word} {i}", "hypothesis": "h", "label": "neutral"}
+                                                    for i in range(2)]
+                                   for code in ("en", "sw") for split in ("train", "validation", "test")})
+
+    write(tmp_path / "a", "first")
+    assert load_examples(task, "sw", "test", hub_mirror=tmp_path / "a")[0]["premise"] == "first 0"
+    write(tmp_path / "b", "second")  # another copy
+    assert load_examples(task, "sw", "test", hub_mirror=tmp_path / "b")[0]["premise"] == "second 0"
+    import shutil
+
+    shutil.rmtree(tmp_path / "a")
+    write(tmp_path / "a", "third")  # the same copy, written again
+    assert load_examples(task, "sw", "test", hub_mirror=tmp_path / "a")[0]["premise"] == "third 0"

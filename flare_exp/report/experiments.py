@@ -34,19 +34,26 @@ def sweep_params(experiment: str, overrides: list[str]) -> dict[str, list[str]]:
                       return_hydra_config=True)
     return {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
 
-def sweep_configs(experiment: str, overrides: list[str], fit: bool = True) -> list[tuple[dict, DictConfig]]:
-    """(choices, composed config) of every job of ``experiment``'s sweep; ``fit``: as the job runs,
-    with the memory remedy it needs applied (``flare_exp.memory.fitted``)."""
+def compose_jobs(experiment: str, overrides: list[str], choices: list[dict]) -> list[DictConfig]:
+    """The composed config of each job of ``experiment`` with ``overrides`` and its ``choices``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    params = sweep_params(experiment, overrides)
     GlobalHydra.instance().clear()
     base = [f"experiment={experiment}", *overrides]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        jobs = [(choice, compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())]))
-                for choice in (dict(zip(params, values)) for values in itertools.product(*params.values()))]
+        return [compose(config_name="config", overrides=[*base, *(f"{k}={v}" for k, v in choice.items())])
+                for choice in choices]
+
+
+def sweep_configs(experiment: str, overrides: list[str], fit: bool = True) -> list[tuple[dict, DictConfig]]:
+    """(choices, composed config) of every job of ``experiment``'s sweep; ``fit``: as the job runs,
+    with the memory remedy it needs applied (``flare_exp.memory.fitted``)."""
+    params = sweep_params(experiment, overrides)
+    choices = [dict(zip(params, values)) for values in itertools.product(*params.values())]
+    jobs = list(zip(choices, compose_jobs(experiment, overrides, choices)))
     return [(choice, fitted(cfg)) for choice, cfg in jobs] if fit else jobs
+
 
 def expected_runs(experiment: str, overrides: list[str]) -> list[tuple[dict, Path]]:
     """(choices, run directory) of every job of ``experiment``'s sweep."""
