@@ -40,9 +40,11 @@ def check_settings(cfg: DictConfig) -> None:
         _number(settings.alpha, f"{group}.alpha", 0, low_open=True)
         _number(settings.dropout, f"{group}.dropout", 0, 1, high_open=True)
         _number(settings.checkpoint_every, f"{group}.checkpoint_every", 0, integer=True)
+        _number(settings.get("eval_every"), f"{group}.eval_every", 0, integer=True, optional=True)
+    if cfg.stage1.get("select", "best") not in ("best", "last"):
+        raise ConfigError(f"stage1.select must be best or last, got {cfg.stage1.select!r}.")
     train = cfg.train
     _number(train.eval_batch_size, "train.eval_batch_size", 1, integer=True)
-    _number(train.get("eval_every"), "train.eval_every", 0, integer=True, optional=True)
     task = cfg.task
     _number(task.max_length, "task.max_length", 8, integer=True)
     _number(task.max_new_tokens, "task.max_new_tokens", 1, integer=True)

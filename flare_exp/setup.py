@@ -135,7 +135,7 @@ class Setup:
         lang, trains = self.lang.code, self.method.trains
         validates = trains and self.cfg.train.get("eval_every") != 0
         reads = [("en", "train"), ("en", "test"), (lang, "test")]  # stage 1, its English test, the test
-        if validates:
+        if validates or self.cfg.stage1.get("eval_every") != 0:  # stage 1 selects on English validation too
             reads.append(("en", "validation"))
         if self.gold:
             reads += [(lang, "train")] * trains + [(lang, "validation")] * validates
@@ -226,7 +226,9 @@ class Setup:
         resume = Checkpoint(self.stage1_path.with_name(f".{self.stage1_path.name}.checkpoint"),
                             int(settings.checkpoint_every))
         stats = train_model(model, self.stage1_batcher, english_train, None, settings, self.seed, self.device,
-                            desc=f"stage 1 {self.task.name} en", checkpoint=resume)
+                            desc=f"stage 1 {self.task.name} en", checkpoint=resume,
+                            validation=self._validation(model, self.stage1_batcher, settings,
+                                                        self.examples("en", "validation"), None, "stage 1 validation en"))
         if distributed.world()[1] != 0:
             return model, None
 
@@ -258,11 +260,23 @@ class Setup:
         if self.cfg.train.get("eval_every") == 0:
             return None
         targets, english, _ = self.pairs.training("validation")
+        inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
+        return self._validation(model, self.batcher, self.cfg.train, inputs, english,
+                                f"validation {self.method.label} {self.lang.code}", self.task.get("select", "best"))
+
+    def _validation(self, model, batcher, settings, examples, english, desc: str,
+                    select: str | None = None) -> Validation | None:
+        """Validation of ``model`` on ``examples`` every ``settings.eval_every`` steps (None: a tenth of
+        training; 0: none), scored by the task's metric; ``select`` (default ``settings.select``)."""
+        if settings.get("eval_every") == 0:
+            return None
 
         def validate() -> float:
-            return score(self.predict(model, targets, english, "validation"), self.batcher)[self.task.metric]
+            rows = predict(model, batcher, examples, english, self.cfg.train.eval_batch_size, self.device,
+                           self.task.max_new_tokens, desc=desc, precision=settings.get("autocast"))
+            return score(rows, batcher)[self.task.metric]
 
-        return Validation(validate, self.cfg.train.get("eval_every"), self.task.get("select", "best"))
+        return Validation(validate, settings.get("eval_every"), select or settings.get("select", "best"))
 
     def train(self, model, log=None) -> tuple[dict, dict]:
         """Stage 2 on the method's training data: (training statistics, what the data dropped)."""

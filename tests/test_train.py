@@ -214,3 +214,37 @@ def test_the_answer_only_loss_equals_the_models_own_loss_and_gradients(family, f
     for a, b in zip(kept_grads, own_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(training_loss(model, batch), own)  # without answers_at_end: the model's own loss
+
+
+@pytest.mark.parametrize("task", ["demo", "tydiqa"])
+def test_stage1_is_validated_every_tenth_and_keeps_its_best_step_except_for_tydiqa(tmp_path, make_cfg, small, task,
+                                                                                     qa_data):
+    """As the official code selects stage 1 (run_task_ft.py: validation every max_steps // 10 on the
+    English validation data, load_best_model_at_end except for TyDiQA): the curve and the selected
+    step go into stage1.json, and the stage-1 model holds the selected step's adapter."""
+    import json
+
+    from flare_exp import record
+    from flare_exp.evaluate import predict, score
+    from flare_exp.setup import Setup
+
+    extra = ([f"data.dir={qa_data}", "task=tydiqa", "mt=fake", "lang=sw", "task.max_length=64", "task.stride=16",
+              "task.max_new_tokens=6"] if task == "tydiqa" else [])
+    cfg = make_cfg([*small, "model=minilm", "method=lora", "lang=dmb", "stage1.epochs=2", "stage1.batch_size=4",
+                    *extra], tmp_path)
+    setup = Setup(cfg)
+    model = setup.stage1()
+    stats = json.loads((setup.stage1_path / record.STAGE1_RECORD).read_text())["train"]
+    steps = stats["steps"]
+    curve = stats["validation"]
+    assert [p["step"] for p in curve] == list(range(round(steps / 10), steps + 1, round(steps / 10)))
+    rows = predict(model, setup.stage1_batcher, setup.examples("en", "validation"), None, 32, torch.device("cpu"),
+                   cfg.task.max_new_tokens, desc="check")
+    now = score(rows, setup.stage1_batcher)[cfg.task.metric]
+    if task == "tydiqa":
+        assert stats["selection"] == "last" and stats["selected_step"] == steps
+        assert now == pytest.approx(curve[-1]["score"])
+    else:
+        best = max(curve, key=lambda p: p["score"])  # the first of equal scores
+        assert stats["selection"] == "best" and stats["selected_step"] == best["step"]
+        assert now == pytest.approx(best["score"])
