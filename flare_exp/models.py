@@ -150,7 +150,8 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
     Encoders get a sequence-classification head with ``labels`` (initialised from ``seed``), or
     a span (question answering) head where ``labels`` is None; decoders are causal LMs and
     encoder-decoders seq2seq LMs. ``quantization: nf4`` loads 4-bit NF4 weights with the
-    configured compute dtype (tiny models too, through a saved copy; ``double_quant``);
+    compute dtype ``compute_dtype`` (default: ``dtype``; tiny models too, through a saved copy;
+    ``double_quant``);
     ``attn_implementation`` (eager, sdpa, ...) where the model config sets one.
     """
     from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
@@ -171,7 +172,8 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg.attn_implementation
         if model_cfg.quantization == "nf4":
-            kwargs["quantization_config"] = nf4_config(dtype, bool(model_cfg.get("double_quant", False)))
+            compute = getattr(torch, model_cfg.get("compute_dtype") or model_cfg.dtype)
+            kwargs["quantization_config"] = nf4_config(compute, bool(model_cfg.get("double_quant", False)))
             kwargs["device_map"] = {"": str(device)}
         elif model_cfg.quantization != "none":
             raise ValueError(f"Unknown quantization {model_cfg.quantization!r} (none or nf4).")

@@ -84,14 +84,16 @@ class LazyTranslator:
     """The configured MT system (``mt_cfg``), loaded only when a cache lacks a translation;
     ``name`` names its caches (``flare_exp.record.translator_name``)."""
 
-    def __init__(self, mt_cfg: DictConfig, name: str, max_length: int, device):
+    def __init__(self, mt_cfg: DictConfig, name: str, max_length: int, device, dtype: str = "auto"):
         self.mt, self.name, self.max_length, self.device, self._impl = mt_cfg, name, max_length, device, None
+        self.dtype = dtype
 
     def translate(self, texts, src, tgt):
         if self._impl is None:
             mt = self.mt
             self._impl = FakeTranslator(delay_s=mt.get("delay_s", 0.0)) if mt.name == "fake" else NLLBTranslator(
-                mt.model, beams=mt.beams, max_length=self.max_length, batch_size=mt.batch_size, device=self.device)
+                mt.model, beams=mt.beams, max_length=self.max_length, batch_size=mt.batch_size, device=self.device,
+                dtype=self.dtype)
         return self._impl.translate(texts, src, tgt)
 
 

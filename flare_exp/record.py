@@ -97,7 +97,7 @@ def run_dir(cfg: DictConfig) -> Path:
 
 def stage1_key(cfg: DictConfig) -> str:
     """The hash of what stage 1 depends on: the task, the model, ``stage1.*`` (how often it
-    checkpoints aside), the seed and the data."""
+    checkpoints aside), the seed, the data and the protocol's settings."""
     identity = {
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -105,6 +105,7 @@ def stage1_key(cfg: DictConfig) -> str:
                    if k != "checkpoint_every"},
         "seed": cfg.seed,
         "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "max_train": cfg.data.max_train},
+        "protocol": {k: v for k, v in OmegaConf.to_container(cfg.protocol, resolve=True).items() if k != "name"},
     }
     return config_hash(identity, 12)
 

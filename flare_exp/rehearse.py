@@ -158,6 +158,8 @@ def on_stand_ins(cfg: DictConfig, folders: dict) -> DictConfig:
         cfg.model.tokenizer = str(folders["tokenizer", cfg.model.name])
         if cfg.mt.get("model"):
             cfg.mt.model = str(folders["nllb"])
+        if cfg.protocol.mt_dtype == "auto":  # the MT models' dtype on a GPU
+            cfg.protocol.mt_dtype = GPU_DTYPE
         for group in ("stage1", "train"):
             cfg[group].batch_size = min(int(cfg[group].batch_size), MICRO_BATCH)
             cfg[group].grad_accum = min(int(cfg[group].grad_accum), ACCUMULATION)
@@ -165,14 +167,14 @@ def on_stand_ins(cfg: DictConfig, folders: dict) -> DictConfig:
 
 
 class _NLLBStandIn:
-    """NLLB's translation path at the real lengths on the stand-in, in bf16 as on a GPU, whose
-    output (noise) is then replaced by the source text tagged with the target's code
-    (``FakeTranslator``)."""
+    """NLLB's translation path at the real lengths on the stand-in, in the job's dtype
+    (``protocol.mt_dtype``), whose output (noise) is then replaced by the source text tagged
+    with the target's code (``FakeTranslator``)."""
 
     def __init__(self, *args, **kwargs):
         from .translate import NLLBTranslator
 
-        self.nllb = NLLBTranslator(*args, **{**kwargs, "dtype": GPU_DTYPE})
+        self.nllb = NLLBTranslator(*args, **kwargs)
 
     def translate(self, texts, src, tgt):
         from .translate import FakeTranslator
@@ -212,7 +214,7 @@ def _attempt(outcomes: list[Outcome], logs: Path, stage: str, job, model: str, m
 def rehearse(experiment: str, overrides: list[str], work: Path, longest_from: Path | None = None,
              stand_ins_root: Path | None = None) -> list[Outcome]:
     """Rehearse every job class of ``experiment``; the outcomes."""
-    from . import pairs, setup, stand_ins
+    from . import pairs, stand_ins
     from .data.replicas import write_replica
     from .methods import method_for
     from .report.experiments import sweep_params
@@ -245,9 +247,8 @@ def rehearse(experiment: str, overrides: list[str], work: Path, longest_from: Pa
 
     outcomes, logs = [], work / "logs"
     translated = {}
-    real = pairs.NLLBTranslator, setup.load_mt_encoder
-    pairs.NLLBTranslator = _NLLBStandIn  # and FLARE MT's encoder in bf16, as on a GPU
-    setup.load_mt_encoder = lambda path, device: real[1](path, device, GPU_DTYPE)
+    real = pairs.NLLBTranslator
+    pairs.NLLBTranslator = _NLLBStandIn
     try:
         if base.mt.name != "gold":
             for lang in langs:  # the stage translates every split, whichever method names it
@@ -260,7 +261,7 @@ def rehearse(experiment: str, overrides: list[str], work: Path, longest_from: Pa
                 blocked = f"the translation of {lang} failed"
             _attempt(outcomes, logs, "stage2", job, model, method, lang, blocked)
     finally:
-        pairs.NLLBTranslator, setup.load_mt_encoder = real
+        pairs.NLLBTranslator = real
     write_table(outcomes, work / "rehearsal.csv")
     return outcomes
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from .errors import ConfigError
+from .protocol import check as check_protocol
 
 
 def _number(value, name: str, low: float, high: float | None = None, *, integer: bool = False,
@@ -52,3 +53,4 @@ def check_settings(cfg: DictConfig) -> None:
         _number(task.stride, "task.stride", 0, task.max_length, integer=True, high_open=True)
     for cap in ("max_train", "max_validation", "max_test"):
         _number(cfg.data.get(cap), f"data.{cap}", 1, integer=True, optional=True)
+    check_protocol(cfg.protocol, cfg.task, cfg.model)

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import adapters, record
 from .access import preflight
@@ -101,7 +101,36 @@ class Setup:
         self.cache_dir = Path(cfg.output_dir) / "cache"
         self.examples = Examples(cfg.task, cfg.data)
         self.gold = cfg.mt.name == "gold"
+        self.protocol = cfg.protocol
         self._stage1 = None  # a stage 1 trained by this run, kept in memory
+
+    # -- the protocol's settings (conf/protocol/, docs/protocol.md) -------------------------
+    @property
+    def max_new_tokens(self) -> int:
+        """The generation budget: ``protocol.max_new_tokens``, or the task's."""
+        return int(self.protocol.max_new_tokens or self.task.max_new_tokens)
+
+    @property
+    def tests_target_text(self) -> bool:
+        """The official code's bug (``protocol.nusax_translate_test: target``): NusaX translate-test
+        never assigns its translated test set, so it tests the target text."""
+        return self.protocol.nusax_translate_test == "target" and self.task.name == "nusax"
+
+    @property
+    def loads_stage1(self) -> bool:
+        """False where the official code's bug applies (``protocol.qa_decoder_stage1: not_loaded``:
+        a decoder's TyDiQA stage 2 starts from the base model)."""
+        return not (self.protocol.qa_decoder_stage1 == "not_loaded" and self.task.type == "qa"
+                    and self.model_cfg.kind == "decoder")
+
+    def settings(self, group: str) -> DictConfig:
+        """``cfg.stage1`` or ``cfg.train`` as training reads them: with the protocol's schedule and,
+        under ``protocol.kbit_gradient_checkpointing``, gradient checkpointing on a 4-bit model."""
+        settings = OmegaConf.create({**OmegaConf.to_container(self.cfg[group], resolve=True),
+                                     "schedule": self.protocol.schedule})  # resolved: interpolations read the root
+        if self.protocol.kbit_gradient_checkpointing and self.model_cfg.quantization == "nf4":
+            settings.gradient_checkpointing = True
+        return settings
 
     # -- what the run reads --------------------------------------------------------------
     @cached_property
@@ -122,7 +151,7 @@ class Setup:
         if self.gold:
             return None
         return LazyTranslator(self.cfg.mt, record.translator_name(self.cfg), record.translation_max_length(self.cfg),
-                              self.device)
+                              self.device, self.protocol.mt_dtype)
 
     @cached_property
     def pairs(self) -> Pairs:
@@ -173,7 +202,7 @@ class Setup:
             return SpanBatcher(self.tokenizer, max_length, stride=self.task.get("stride", 128),
                                mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
         return Batcher(self.tokenizer, self.task, self.model_cfg.kind, max_length, mt_tokenizer=mt_tokenizer,
-                       mt_lang=mt_lang)
+                       mt_lang=mt_lang, truncation_side="right" if plain else self.protocol.truncation_side)
 
     @cached_property
     def batcher(self):
@@ -184,9 +213,20 @@ class Setup:
         return self.make_batcher(plain=True)
 
     # -- models --------------------------------------------------------------------------
-    def base_model(self):
+    def base_model(self, stage1: bool = False):
+        """The base model (``stage1``: as stage 1 trains it, in ``protocol.stage1_compute_dtype``)."""
         labels = list(self.task.labels) if self.task.labels else None
-        return load_base_model(self.model_cfg, self.tokenizer, labels, self.device, self.cache_dir, self.seed)
+        model_cfg = self.model_cfg
+        if stage1 and self._stage1_compute_dtype:
+            model_cfg = OmegaConf.create({**OmegaConf.to_container(model_cfg, resolve=True),
+                                          "compute_dtype": self._stage1_compute_dtype})
+        return load_base_model(model_cfg, self.tokenizer, labels, self.device, self.cache_dir, self.seed)
+
+    @property
+    def _stage1_compute_dtype(self) -> str | None:
+        """Stage 1's NF4 compute dtype where the protocol sets one other than stage 2's."""
+        dtype = self.protocol.stage1_compute_dtype
+        return dtype if self.model_cfg.quantization == "nf4" and dtype not in (None, self.model_cfg.dtype) else None
 
     @cached_property
     def mt_encoder(self) -> MTEncoder | None:
@@ -196,20 +236,29 @@ class Setup:
         path = self.method.cfg.encoder
         if path == "tiny":
             path = str(save_once(self.cache_dir / "models" / "tiny-nllb", build_tiny_nllb))
-        return MTEncoder(*load_mt_encoder(path, self.device))
+        return MTEncoder(*load_mt_encoder(path, self.device, self.protocol.mt_dtype))
 
     def ensure_stage1(self) -> Path:
         """The stage-1 adapter's folder, trained now (and kept in memory) unless cached."""
         trained = ensure_stage1(self.stage1_path, self._train_stage1)
-        if trained is not None:
+        if trained is not None and not self._stage1_compute_dtype:  # else stage 2 loads it in its own dtype
             self._stage1 = trained
         return self.stage1_path
 
     def stage1(self):
         """The stage-1 model: trained now unless cached, loaded from the cache unless this run just
-        trained it."""
+        trained it. Where the protocol does not load it (``loads_stage1``), the base model with a
+        stage-1 adapter as initialised, which computes nothing (the official code's)."""
         self.ensure_stage1()
         model, self._stage1 = self._stage1, None  # the next caller builds its own
+        if not self.loads_stage1:
+            from peft import get_peft_model
+
+            torch.manual_seed(self.seed)
+            untrained = get_peft_model(self.base_model(), adapters.lora_config(self.model_cfg, self.cfg.stage1))
+            for param in untrained.parameters():
+                param.requires_grad_(False)
+            return untrained.eval()
         return model if model is not None else load_stage1(self.base_model(), self.stage1_path)
 
     def _train_stage1(self):
@@ -217,9 +266,9 @@ class Setup:
 
         from . import distributed
 
-        settings = self.cfg.stage1
+        settings = self.settings("stage1")
         english_train = self.examples("en", "train")
-        base = self.base_model()
+        base = self.base_model(stage1=True)
         torch.manual_seed(self.seed)
         model = get_peft_model(base, adapters.lora_config(self.model_cfg, settings,
                                                           adapters.task_head(self.model_cfg, self.task)))
@@ -234,7 +283,7 @@ class Setup:
 
         def record_of() -> dict:
             rows = predict(model, self.stage1_batcher, self.examples("en", "test"), None,
-                           self.cfg.train.eval_batch_size, self.device, self.task.max_new_tokens,
+                           self.cfg.train.eval_batch_size, self.device, self.max_new_tokens,
                            desc="stage 1 English test", precision=settings.get("autocast"))
             return {"train": stats, "english_test": score(rows, self.stage1_batcher),
                     "key": record.stage1_key(self.cfg)}
@@ -245,13 +294,16 @@ class Setup:
         """The model this run trains and tests: stage 1, with the method's adapter on it (and
         FLARE MT's encoder)."""
         return adapters.build(self.method, self.stage1(), self.model_cfg, self.cfg.train, self.seed,
-                              adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder)
+                              adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder,
+                              source_train_mode=self.protocol.source_pass == "train")
 
     # -- training and testing --------------------------------------------------------------
     def predict(self, model, targets, english, desc: str) -> list[dict]:
         inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
+        if self.method.test_input == "english" and self.tests_target_text:
+            inputs = targets
         return predict(model, self.batcher, inputs, english, self.cfg.train.eval_batch_size, self.device,
-                       self.task.max_new_tokens, desc=f"{desc} {self.method.label} {self.lang.code}",
+                       self.max_new_tokens, desc=f"{desc} {self.method.label} {self.lang.code}",
                        precision=self.cfg.train.get("autocast"))
 
     def validation(self, model) -> Validation | None:
@@ -261,7 +313,7 @@ class Setup:
             return None
         targets, english, _ = self.pairs.training("validation")
         inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
-        return self._validation(model, self.batcher, self.cfg.train, inputs, english,
+        return self._validation(model, self.batcher, self.settings("train"), inputs, english,
                                 f"validation {self.method.label} {self.lang.code}", self.task.get("select", "best"))
 
     def _validation(self, model, batcher, settings, examples, english, desc: str,
@@ -273,7 +325,7 @@ class Setup:
 
         def validate() -> float:
             rows = predict(model, batcher, examples, english, self.cfg.train.eval_batch_size, self.device,
-                           self.task.max_new_tokens, desc=desc, precision=settings.get("autocast"))
+                           self.max_new_tokens, desc=desc, precision=settings.get("autocast"))
             return score(rows, batcher)[self.task.metric]
 
         return Validation(validate, settings.get("eval_every"), select or settings.get("select", "best"))
@@ -282,7 +334,7 @@ class Setup:
         """Stage 2 on the method's training data: (training statistics, what the data dropped)."""
         targets, english, info = self.pairs.training()
         inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
-        stats = train_model(model, self.batcher, inputs, english, self.cfg.train, self.seed, self.device,
+        stats = train_model(model, self.batcher, inputs, english, self.settings("train"), self.seed, self.device,
                             desc=f"stage 2 {self.method.label} {self.lang.code}",
                             checkpoint=Checkpoint(self.out / "checkpoint", int(self.cfg.train.checkpoint_every)),
                             validation=self.validation(model), log=log)

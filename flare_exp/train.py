@@ -63,16 +63,21 @@ class Validation:
 class _Selection:
     """The validation curve and the best adapter so far (trainable parameters, on the CPU)."""
 
-    def __init__(self, validation: Validation | None, total: int, saved: dict | None, best: dict | None):
+    def __init__(self, validation: Validation | None, total: int, saved: dict | None, best: dict | None,
+                 official: bool = False):
         self.validation = validation
-        self.every = (validation.every or max(1, round(total / 10))) if validation else 0
+        # the official code (transformers' Trainer): every max(total // 10, 1) steps, and at the
+        # last step only where it is one of those
+        tenth = max(1, total // 10) if official else max(1, round(total / 10))
+        self.every = (validation.every or tenth) if validation else 0
+        self.at_last = not official
         saved = saved or {"curve": [], "best_step": None, "best_score": None}
         self.curve, self.best_step, self.best_score = saved["curve"], saved["best_step"], saved["best_score"]
         self.best = best
 
     def after_step(self, model, step: int, total: int) -> float | None:
         """The validation score when this step validates, else None."""
-        if not self.validation or (step % self.every and step < total):
+        if not self.validation or (step % self.every and (step < total or not self.at_last)):
             return None
         model.eval()
         score = float(self.validation.score())
@@ -166,10 +171,26 @@ def _optimization(model, train_cfg, examples: int):
         optimizer = torch.optim.AdamW(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
     else:
         raise ValueError(f"Unknown optimizer {name!r} (adamw or adamw_8bit).")
-    per_epoch = math.ceil(examples / (train_cfg.batch_size * train_cfg.grad_accum))
-    total = int(train_cfg.max_steps) if train_cfg.max_steps else per_epoch * int(train_cfg.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(total * train_cfg.warmup_ratio), total)
+    total, warmup = schedule(train_cfg, examples)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     return params, optimizer, scheduler, total
+
+
+def schedule(train_cfg, examples: int) -> tuple[int, int]:
+    """(optimizer steps, warm-up steps) of training on ``examples``. ``schedule: per_epoch``:
+    ceil(N / (B * accumulation)) steps an epoch, the warm-up rounded down; ``official`` (the
+    official code's, transformers' Trainer): N * E // B // accumulation steps (B at most N), the
+    warm-up rounded up. ``max_steps`` overrides the epochs in both."""
+    batch, accum, epochs = int(train_cfg.batch_size), int(train_cfg.grad_accum), int(train_cfg.epochs)
+    official = train_cfg.get("schedule", "per_epoch") == "official"
+    if train_cfg.max_steps:
+        total = int(train_cfg.max_steps)
+    elif official:
+        total = max(examples * epochs // min(batch, examples) // accum, 1)
+    else:
+        total = math.ceil(examples / (batch * accum)) * epochs
+    ratio = float(train_cfg.warmup_ratio)
+    return total, math.ceil(total * ratio) if official else int(total * ratio)
 
 
 def accelerator_for(train_cfg, device):
@@ -266,7 +287,8 @@ def train_model(model, batcher, targets: list[dict], english: list[dict] | None,
         enable_gradient_checkpointing(model)
     position, best = checkpoint.load(model, optimizer, scheduler)
     position = position or {"step": 0, "epoch": 0, "group": 0, "epoch_losses": [], "epoch_means": []}
-    selection = _Selection(validation, total, position.get("selection"), best)
+    selection = _Selection(validation, total, position.get("selection"), best,
+                           official=train_cfg.get("schedule", "per_epoch") == "official")
     if position["step"]:
         print(f"Resuming {desc} from its checkpoint at step {position['step']}/{total}.", flush=True)
     rng = random.Random(seed)

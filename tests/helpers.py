@@ -25,6 +25,8 @@ SMALL = ("task=demo", "mt=gold", "data.max_train=48", "data.max_test=24", "train
          "train.batch_size=16", "train.lr=1e-3", "train.eval_batch_size=32", "data.max_validation=24", "stage1.epochs=1",
          "stage1.batch_size=16", "stage1.lr=1e-3")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+# The real development data (NusaX, XNLI, TyDiQA) where a checkout has it beside it.
+DATA = Path(os.environ.get("FLARE_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
 # -- configs and runs ------------------------------------------------------------------------

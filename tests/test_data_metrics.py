@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,10 @@ from sklearn.metrics import f1_score
 from flare_exp.data import DataError, load_examples
 from flare_exp.data.collate import Batcher
 from flare_exp.data.demo import translate
+from helpers import DATA
 from flare_exp.metrics import accuracy, classification_metrics, macro_f1, parse_label
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("FLARE_DATA_DIR", ROOT.parent / "shared" / "data"))
 needs_data = pytest.mark.skipif(not (DATA / "nusax_senti").is_dir(),
                                 reason=f"development data not found at {DATA} (set FLARE_DATA_DIR)")
 

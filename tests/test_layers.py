@@ -16,7 +16,7 @@ PACKAGE = ROOT / "flare_exp"
 # Lowest first; a module belongs to the layer of its first path component (flare_exp/<part>...).
 LAYERS = [
     ("core", {"flare"}),                                                       # the method as a library
-    ("foundations", {"errors", "settings", "locking", "distributed", "metrics", "sources", "paper_results", "data"}),
+    ("foundations", {"errors", "settings", "locking", "distributed", "metrics", "sources", "paper_results", "protocol", "data"}),
     ("record", {"methods", "record", "access", "memory"}),                     # no model library
     ("machinery", {"models", "translate", "pairs", "train", "evaluate", "xmixup", "adapters", "stage1",
                    "tracking", "stand_ins"}),

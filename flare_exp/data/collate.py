@@ -23,9 +23,12 @@ class Batcher:
     """
 
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, mt_tokenizer=None,
-                 mt_lang: str | None = None):
+                 mt_lang: str | None = None, truncation_side: str = "right"):
         if kind not in ("encoder", "decoder", "encoder_decoder"):
             raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"Unknown truncation side {truncation_side!r} (right or left).")
+        self.truncation_side = truncation_side
         self.tokenizer = tokenizer
         self.fields = list(task_cfg.fields)
         self.qa = task_cfg.type == "qa"
@@ -39,20 +42,26 @@ class Batcher:
     # -- pieces ----------------------------------------------------------------------------
     def _encode_pairs(self, examples):
         columns = [[ex[f] for ex in examples] for f in self.fields]
-        return self.tokenizer(*columns, truncation=True, max_length=self.max_length,
-                              padding=True, return_tensors="pt")
+        tok = self.tokenizer
+        side, tok.truncation_side = tok.truncation_side, self.truncation_side
+        try:
+            return tok(*columns, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        finally:
+            tok.truncation_side = side
 
     def _prompt_ids(self, example, budget: int) -> list[int]:
         """BOS + the formatted prompt (+ EOS for an encoder); a prompt over ``budget`` tokens
         loses the end of its first field (the text, or the QA context), never the question or
-        the "Label: " cue."""
+        the "Label: " cue; under left truncation (``truncation_side``) its beginning instead."""
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None and self.kind == "decoder" else []
         eos = [tok.eos_token_id] if self.kind == "encoder_decoder" else []
         budget -= len(bos) + len(eos)
         values = {f: example[f] for f in self.fields}
         ids = tok(self.prompt.format(**values), add_special_tokens=False)["input_ids"]
-        if len(ids) > budget:
+        if len(ids) > budget and self.truncation_side == "left":
+            ids = ids[len(ids) - max(budget, 0):]
+        elif len(ids) > budget:
             first = self.fields[0]
             overhead = len(tok(self.prompt.format(**{**values, first: ""}), add_special_tokens=False)["input_ids"])
             keep = max(budget - overhead - 2, 1)

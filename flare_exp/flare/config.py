@@ -39,6 +39,8 @@ class FlareConfig:
             ``build_source_index``).
         modules_to_save: extra modules trained in full with the adapter (PEFT semantics).
         adapter_name: the name of the FLARE adapter inside the PEFT model.
+        source_train_mode: False: the source pass runs in eval mode (no dropout); True: in the
+            model's own mode, dropout active while training (the public code's).
     """
 
     r: int = 8
@@ -53,6 +55,7 @@ class FlareConfig:
     mask_source_padding: bool = True
     modules_to_save: list[str] | None = None
     adapter_name: str = "flare"
+    source_train_mode: bool = False
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:

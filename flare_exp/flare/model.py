@@ -103,7 +103,7 @@ class FlareModel(TwoPassModel):
 
         Runs without gradients, with the FLARE adapter off (a frozen stage-1 adapter stays on),
         in eval mode (no dropout: the source is the stage-1 model's deterministic English
-        representation), and stops as soon as the last fused projection has its input: no
+        representation; ``source_train_mode``: in the model's own mode), and stops as soon as the last fused projection has its input: no
         later layer, LM head or loss is computed. Train mode and the active call are restored
         whatever happens.
         """
@@ -111,7 +111,8 @@ class FlareModel(TwoPassModel):
         hf = self.hf_model
         extra = {} if source_token_type_ids is None else {"token_type_ids": source_token_type_ids}
         was_training = hf.training
-        hf.eval()
+        if not self.flare_config.source_train_mode:
+            hf.eval()
         try:
             with torch.no_grad(), self.slot.running(call):
                 if self.is_encoder_decoder:

