@@ -126,7 +126,7 @@ def job_fits(cfg: DictConfig, table: dict | None = None) -> dict:
 def fitted(cfg: DictConfig, table: dict | None = None) -> DictConfig:
     """``cfg`` with the remedy of each of its training stages applied (the same config where it
     fits as it is); a job no remedy fits is refused (ConfigError, one sentence)."""
-    check_settings(cfg)  # the batch sizes and lengths it reads
+    check_settings(cfg, method_for(cfg.method))  # the batch sizes and lengths it reads
     fits = job_fits(cfg, table)
     _refuse_what_cannot_fit(fits, cfg)
     remedy = {key: value for f in fits.values() for key, value in f.remedy.items()}

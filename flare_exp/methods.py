@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .data.formats import concatenate_inputs
+from .data.formats import SEPARATOR, concatenate_inputs
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 METHODS: dict[str, type["Method"]] = {}  # in the paper's row order
@@ -88,6 +88,11 @@ class Method:
         return [("train", "en-x"), ("validation", "en-x")] * self.trains + [("test", "x-en")] * self.reads_english_test
 
     @property
+    def fusion(self) -> str | None:
+        """FLARE's fusion function (``fusion``), None for the other methods."""
+        return self.cfg.get("fusion") if self.adapter in ("flare", "flare_mt") else None
+
+    @property
     def length_factor(self) -> int:
         return 2 if self.test_input == "fused" else 1
 
@@ -105,12 +110,14 @@ class Method:
     def check(self) -> None:
         """Refuse settings that cannot run (ValueError, one sentence), before any model loads."""
 
-    def inputs(self, targets: list[dict], english: list[dict] | None, fields: list[str], qa: bool):
-        """(examples the batcher encodes, English examples the forward reads, or None)."""
+    def inputs(self, targets: list[dict], english: list[dict] | None, fields: list[str], qa: bool,
+               separator: str = SEPARATOR):
+        """(examples the batcher encodes, English examples the forward reads, or None); input fusion
+        joins the English and the target text with ``separator``."""
         if self.test_input == "english":
             return english, None
         if self.test_input == "fused":
-            return concatenate_inputs(targets, english, fields, qa), None
+            return concatenate_inputs(targets, english, fields, qa, separator), None
         return targets, english if self.english_in_forward else None
 
 

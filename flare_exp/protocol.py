@@ -27,45 +27,63 @@ NUMBERS = {"max_length": 8, "max_new_tokens": 1}
 DTYPES = (None, "float32", "bfloat16", "float16")
 CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "unquantised_dtype": DTYPES}
 
-# The settings whose official value is built; setting another's official value is refused, naming
-# the departure, in a run it applies to, until it is.
+# The settings whose official value is built (BUILT_FOR: for those tasks only); setting another's
+# official value is refused, naming the departure, in a run it applies to, until it is.
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test"}
+BUILT_FOR = {"input_format": {"nusax"}}
 
 
-def _qa(task, model) -> bool:
+def built(key: str, task: DictConfig | None = None) -> bool:
+    return key in BUILT or (task is not None and task.name in BUILT_FOR.get(key, ()))
+
+
+def official_separator(task: DictConfig, model: DictConfig) -> str:
+    """How the official code's input fusion joins the English and the target text of a one-field
+    task (tasks/nusax.py): nothing between them for encoders (mT5 too: the official code builds
+    no mT5 classifier, so this is a reading of it), a newline for decoders."""
+    if len(task.fields) != 1:
+        raise ValueError(f"The official input format of {task.name} is not built yet.")
+    return "\n" if model.kind == "decoder" else ""
+
+
+def _qa(task, model, method) -> bool:
     return task.type == "qa"
 
 
-def _generative(task, model) -> bool:
+def _generative(task, model, method) -> bool:
     return model.kind != "encoder"
 
 
-def _4bit_decoder(task, model) -> bool:
+def _4bit_decoder(task, model, method) -> bool:
     return model.kind == "decoder" and model.get("quantization") == "nf4"
 
 
-# The runs a setting can change (all others where absent): in another run either value computes the
-# same, so an official value not built yet is no departure there.
+# The runs a setting can change (all others where absent), given the task's and the model's configs
+# and the method (flare_exp.methods): in another run either value computes the same, so an official
+# value not built yet is no departure there.
 APPLIES = {
-    "qa_decoder_stage1": lambda task, model: task.type == "qa" and model.kind == "decoder",
+    "qa_decoder_stage1": lambda task, model, method: task.type == "qa" and model.kind == "decoder",
     "qa_translate_test_gold": _qa, "qa_test_set": _qa,
-    "qa_windows": lambda task, model: task.type == "qa" and model.kind == "encoder",
-    "qa_encoder_score": lambda task, model: task.type == "qa" and model.kind == "encoder",
+    "qa_windows": lambda task, model, method: task.type == "qa" and model.kind == "encoder",
+    "qa_encoder_score": lambda task, model, method: task.type == "qa" and model.kind == "encoder",
     "max_new_tokens": _generative, "generation": _generative, "decoder_scoring": _generative,
-    "decoder_lm_head": lambda task, model: model.kind == "decoder",
-    "llama_pad_token": lambda task, model: model.kind == "decoder",
-    "gemma_eos": lambda task, model: model.kind == "decoder",
+    "decoder_lm_head": lambda task, model, method: model.kind == "decoder",
+    "llama_pad_token": lambda task, model, method: model.kind == "decoder",
+    "gemma_eos": lambda task, model, method: model.kind == "decoder",
     "stage1_compute_dtype": _4bit_decoder, "unquantised_dtype": _4bit_decoder,
     "kbit_gradient_checkpointing": _4bit_decoder, "checkpointed_fusion": _4bit_decoder,
-    "input_format": lambda task, model: len(task.fields) > 1 or task.name == "nusax",
-    "nusax_translate_test": lambda task, model: task.name == "nusax",
+    # one text field: the official formats differ only in how input fusion joins the two texts
+    "input_format": lambda task, model, method: len(task.fields) > 1 or method.test_input == "fused",
+    "nusax_translate_test": lambda task, model, method: task.name == "nusax" and method.test_input == "english",
+    "source_pass": lambda task, model, method: method.english_in_forward,
+    "fusion_layer": lambda task, model, method: method.fusion in ("cross_attention", "matmul", "matmul_relu"),
 }
 
 
-def applies(key: str, task: DictConfig, model: DictConfig) -> bool:
-    """Whether ``protocol.<key>`` can change a run of ``task`` on ``model``."""
-    return APPLIES.get(key, lambda task, model: True)(task, model)
+def applies(key: str, task: DictConfig, model: DictConfig, method) -> bool:
+    """Whether ``protocol.<key>`` can change a run of ``task`` on ``model`` by ``method``."""
+    return APPLIES.get(key, lambda task, model, method: True)(task, model, method)
 
 
 @dataclass
@@ -96,9 +114,11 @@ def read(name: str) -> tuple[str, dict[str, Setting]]:
     return header or "", settings
 
 
-def check(protocol: DictConfig, task: DictConfig | None = None, model: DictConfig | None = None) -> None:
+def check(protocol: DictConfig, task: DictConfig | None = None, model: DictConfig | None = None,
+          method=None) -> None:
     """Refuse, in one sentence, a protocol setting that is unknown, malformed, or an official value
-    not built yet (given the run's ``task`` and ``model``: one that applies to it)."""
+    not built yet (given the run's ``task``, ``model`` and ``method``: one that applies to it; a
+    length equal to the task's own is no departure)."""
     _, sound = read("sound")
     _, official = read("official")
     for key, value in protocol.items():
@@ -108,6 +128,10 @@ def check(protocol: DictConfig, task: DictConfig | None = None, model: DictConfi
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < NUMBERS[key]):
                 raise ConfigError(f"protocol.{key} must be null (the task's) or an integer >= {NUMBERS[key]}, "
                                   f"got {value!r}.")
+            if value is not None and not built(key, task) and (task is None or value != task.get(key)):
+                raise ConfigError(f"protocol.{key}={value} (the official code's) is not built yet"
+                                  f"{f' for {task.name}' if task is not None else ''}: set protocol.{key}=null "
+                                  "(the task's) to run with this departure (docs/protocol.md).")
             continue
         if key == "name":
             continue
@@ -117,8 +141,8 @@ def check(protocol: DictConfig, task: DictConfig | None = None, model: DictConfi
         if key not in CHOICES and value not in allowed:
             raise ConfigError(f"protocol.{key} must be {allowed[0]!r} (sound) or {allowed[1]!r} (official), "
                               f"got {value!r}.")
-        inert = task is not None and model is not None and not applies(key, task, model)
-        if value != sound[key].value and key not in BUILT and not inert:
+        inert = method is not None and not applies(key, task, model, method)
+        if value != sound[key].value and not built(key, task) and not inert:
             raise ConfigError(f"protocol.{key}={value} (the official code's) is not built yet: set "
                               f"protocol.{key}={sound[key].value} to run with this departure (docs/protocol.md).")
     missing = set(sound) - set(protocol)
@@ -141,8 +165,8 @@ def table() -> str:
         if key == "name":
             continue
         theirs = official[key]
-        built = "yes" if key in BUILT else "not yet"
-        lines.append(f"| `protocol.{key}` | {_cell(theirs.value, theirs.note)} | {_cell(ours.value, ours.note)} | {built} |")
+        done = "yes" if key in BUILT else f"for {', '.join(sorted(BUILT_FOR[key]))}" if key in BUILT_FOR else "not yet"
+        lines.append(f"| `protocol.{key}` | {_cell(theirs.value, theirs.note)} | {_cell(ours.value, ours.note)} | {done} |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,9 +25,11 @@ def _number(value, name: str, low: float, high: float | None = None, *, integer:
         raise ConfigError(f"{name} must be {kind} in {bounds}, got {value!r}.")
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Refuse, one sentence each, a training, data or task setting that cannot run (a negative
-    learning rate, no epochs, an empty batch ...), before anything trains."""
+def check_settings(cfg: DictConfig, method=None) -> None:
+    """Refuse, one sentence each, a training, data, task or protocol setting that cannot run (a
+    negative learning rate, no epochs, an empty batch, an official setting not built yet ...), before
+    anything trains. ``method`` (``flare_exp.methods.method_for(cfg.method)``): an official setting
+    not built yet that cannot change its run is let through."""
     for group in ("stage1", "train"):
         settings = cfg[group]
         _number(settings.lr, f"{group}.lr", 0, low_open=True)
@@ -53,4 +55,4 @@ def check_settings(cfg: DictConfig) -> None:
         _number(task.stride, "task.stride", 0, task.max_length, integer=True, high_open=True)
     for cap in ("max_train", "max_validation", "max_test"):
         _number(cfg.data.get(cap), f"data.{cap}", 1, integer=True, optional=True)
-    check_protocol(cfg.protocol, cfg.task, cfg.model)
+    check_protocol(cfg.protocol, cfg.task, cfg.model, method)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import adapters, record
 from .access import preflight
 from .data.collate import Batcher
+from .data.formats import SEPARATOR
 from .data.qa import SpanBatcher
 from .errors import ConfigError
 from .settings import check_settings
@@ -25,6 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
+from .protocol import official_separator
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -45,9 +47,9 @@ def check(cfg: DictConfig, access: bool = True) -> None:
     task, lang, model, mt = cfg.task, cfg.lang, cfg.model, cfg.mt
     if cfg.stage not in STAGES:
         raise ConfigError(f"Unknown stage {cfg.stage!r}; choose one of {list(STAGES)}.")
-    check_settings(cfg)
     try:
         method = method_for(cfg.method)
+        check_settings(cfg, method)
         adapters.check(method, model, cfg.train)
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -298,8 +300,15 @@ class Setup:
                               source_train_mode=self.protocol.source_pass == "train")
 
     # -- training and testing --------------------------------------------------------------
+    def _inputs(self, targets, english):
+        """(what the batcher encodes, the English the forward reads) of the method; input fusion
+        joins the two texts as ``protocol.input_format`` says."""
+        official = self.protocol.input_format == "concatenated" and self.method.test_input == "fused"
+        return self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa,
+                                  separator=official_separator(self.task, self.model_cfg) if official else SEPARATOR)
+
     def predict(self, model, targets, english, desc: str) -> list[dict]:
-        inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
+        inputs, english = self._inputs(targets, english)
         if self.method.test_input == "english" and self.tests_target_text:
             inputs = targets
         return predict(model, self.batcher, inputs, english, self.cfg.train.eval_batch_size, self.device,
@@ -312,7 +321,7 @@ class Setup:
         if self.cfg.train.get("eval_every") == 0:
             return None
         targets, english, _ = self.pairs.training("validation")
-        inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
+        inputs, english = self._inputs(targets, english)
         return self._validation(model, self.batcher, self.settings("train"), inputs, english,
                                 f"validation {self.method.label} {self.lang.code}", self.task.get("select", "best"))
 
@@ -333,7 +342,7 @@ class Setup:
     def train(self, model, log=None) -> tuple[dict, dict]:
         """Stage 2 on the method's training data: (training statistics, what the data dropped)."""
         targets, english, info = self.pairs.training()
-        inputs, english = self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa)
+        inputs, english = self._inputs(targets, english)
         stats = train_model(model, self.batcher, inputs, english, self.settings("train"), self.seed, self.device,
                             desc=f"stage 2 {self.method.label} {self.lang.code}",
                             checkpoint=Checkpoint(self.out / "checkpoint", int(self.cfg.train.checkpoint_every)),

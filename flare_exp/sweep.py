@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     output = next((o.split("=", 1)[1] for o in rest if o.startswith("output_dir=")), "outputs")
     jobs = jobs_of(experiment, rest, args.launcher)
     for _, cfg in jobs:  # before anything is submitted (each job fitted to its GPU): every job's settings,
-        check_settings(cfg)
+        check_settings(cfg, method_for(cfg.method))
     preflight([cfg for _, cfg in jobs])  # its method and every hub repository it reads
     ids = chain_folder(output, experiment)
     for stage, arguments in stage_commands(experiment, rest, args.launcher, args.wait, ids, jobs):

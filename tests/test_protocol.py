@@ -42,9 +42,9 @@ def test_a_paper_table_runs_the_official_protocol_but_for_the_settings_not_built
     values = OmegaConf.to_container(cfg.protocol)
     assert values["name"] == "official"
     departures = {k for k in SOUND if k != "name" and values[k] != OFFICIAL[k]}
-    assert departures == set(SOUND) - protocol.BUILT - {"name"}  # a built setting runs officially
+    assert departures == {k for k in SOUND if k != "name" and not protocol.built(k, cfg.task)}  # built: official
     assert all(values[k] == SOUND[k] for k in departures)
-    protocol.check(cfg.protocol)
+    protocol.check(cfg.protocol, cfg.task)
 
 
 def test_one_setting_flips_alone_and_an_unbuilt_or_malformed_one_is_refused_in_one_sentence():
@@ -236,3 +236,39 @@ def test_official_nusax_translate_test_tests_the_target_text_as_zero_shot(tmp_pa
     # sound: the English of the test (mt=gold: the human English, so the stage-1 English score)
     sound = run(make_cfg([*common[:-1], "method=translate_test"], tmp_path / "sound"))
     assert sound["metrics"] == sound["stage1_english"] != results["zero_shot"]["metrics"]
+
+
+def test_an_official_setting_not_built_yet_is_refused_only_where_it_can_change_the_run():
+    from flare_exp.methods import method_for
+    from flare_exp.settings import check_settings
+
+    def check(*overrides):
+        cfg = make_cfg(["protocol=official", *overrides])
+        check_settings(cfg, method_for(cfg.method))
+
+    for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare"):  # MiniLM on NusaX: all built
+        check("model=minilm", "task=nusax", "lang=jav", f"method={method}")
+    with pytest.raises(ConfigError, match="protocol.input_format=concatenated .* not built yet"):
+        check("model=minilm", "task=xnli", "lang=sw", "method=lora")  # XNLI's one segment
+    with pytest.raises(ConfigError, match="protocol.max_length=128 .* not built yet for tydiqa"):
+        check("model=xlmr-large", "task=tydiqa", "lang=sw", "method=lora",
+              *[f"protocol.{k}={SOUND[k]}" for k in ("qa_translate_test_gold", "qa_test_set", "qa_windows",
+                                                       "qa_encoder_score")])
+    with pytest.raises(ConfigError, match="not built yet"):  # without the method, nothing is taken as inert
+        check_settings(make_cfg(["protocol=official", "model=minilm", "task=nusax", "lang=jav", "method=lora"]))
+
+
+@pytest.mark.parametrize("model,joiner", [("minilm", ""), ("tiny-llama", "\n")])
+def test_official_nusax_input_fusion_joins_the_two_texts_as_the_official_code(tmp_path, model, joiner):
+    from flare_exp.setup import Setup
+
+    targets = [{"id": "1", "text": "Filmé apik.", "label": "positive"}]
+    english = [{"id": "1", "text": "A good film.", "label": "positive"}]
+    cfg = make_cfg([f"model={model}", "task=nusax", "lang=jav", "mt=gold", "method=input_fusion",
+                    "protocol.input_format=concatenated"], tmp_path)
+    fused, source = Setup(cfg, access=False)._inputs(targets, english)
+    # tasks/nusax.py: text_source + text_target (encoders), "{src}\n{tgt}" before the cue (decoders)
+    assert fused == [{"id": "1", "text": "A good film." + joiner + "Filmé apik.", "label": "positive"}] and source is None
+    sound, _ = Setup(make_cfg([f"model={model}", "task=nusax", "lang=jav", "mt=gold", "method=input_fusion"],
+                              tmp_path), access=False)._inputs(targets, english)
+    assert sound[0]["text"] == "A good film. || Filmé apik."
