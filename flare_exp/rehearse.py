@@ -143,7 +143,10 @@ def rehearsal_overrides(work: Path) -> list[str]:
     return [f"output_dir={work / 'outputs'}", f"data.hub_mirror={work / 'hub'}", "data.dir=null", "device=cpu",
             f"stage1.max_steps={STEPS}", f"train.max_steps={STEPS}", "stage1.checkpoint_every=1",
             "train.checkpoint_every=1", f"data.max_train={ROWS['train']}", f"data.max_test={MICRO_BATCH}",
-            f"data.max_validation={MICRO_BATCH}", f"train.eval_batch_size={MICRO_BATCH}"]
+            f"data.max_validation={MICRO_BATCH}", f"train.eval_batch_size={MICRO_BATCH}",
+            # the task's generation budget (8 or 32 new tokens), not the official 100: the shapes are
+            # the same, and 100 tokens on every validation and test made the rehearsals several times longer
+            "protocol.max_new_tokens=null"]
 
 
 def on_stand_ins(cfg: DictConfig, folders: dict) -> DictConfig:
