@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -93,8 +94,10 @@ class Setting:
     note: str  # the comment above it in its file
 
 
+@lru_cache(maxsize=None)
 def read(name: str) -> tuple[str, dict[str, Setting]]:
-    """A protocol file's header comment and its settings in file order, each with its comment."""
+    """A protocol file's header comment and its settings in file order, each with its comment (read
+    once a process: every job's check reads them)."""
     text = (FOLDER / f"{name}.yaml").read_text()
     values = OmegaConf.to_container(OmegaConf.create(text))
     header, settings, comment = None, {}, []
