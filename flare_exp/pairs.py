@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from .data import DataError, load_examples
 from .record import read_cache
-from .translate import FakeTranslator, NLLBTranslator, nllb_code, project_qa, translate_examples
+from .translate import (QUOTE, FakeTranslator, NLLBTranslator, nllb_code, project_qa, quote_locate, quote_mark,
+                        translate_examples)
 
 
 class Examples:
@@ -91,9 +92,11 @@ class LazyTranslator:
     def translate(self, texts, src, tgt):
         if self._impl is None:
             mt = self.mt
-            self._impl = FakeTranslator(delay_s=mt.get("delay_s", 0.0)) if mt.name == "fake" else NLLBTranslator(
-                mt.model, beams=mt.beams, max_length=self.max_length, batch_size=mt.batch_size, device=self.device,
-                dtype=self.dtype)
+            if mt.name == "fake":
+                self._impl = FakeTranslator(tuple(mt.get("lose_markers_in", ())), mt.get("delay_s", 0.0))
+            else:
+                self._impl = NLLBTranslator(mt.model, beams=mt.beams, max_length=self.max_length,
+                                            batch_size=mt.batch_size, device=self.device, dtype=self.dtype)
         return self._impl.translate(texts, src, tgt)
 
 
@@ -139,6 +142,35 @@ class Pairs:
         translated = translate_examples(test, self.fields, nllb_code(self.lang), "eng_Latn", self.translator,
                                         self.cache("test", "x-en"), desc=f"translate-test {self.lang.code}->en")
         return test, [{**ex, **t} for ex, t in zip(test, translated)]
+
+    def quoted_test(self, english_gold: bool, filtered: bool, drop_empty: bool) -> tuple[list[dict], list[dict], dict]:
+        """The target test set and its English translation as the official code makes them
+        (run_translate.py, tasks/tydiqa.py): each context's answer marked by quote marks
+        (``quote_mark``), the translation read by them (``quote_locate``), quote marks stripped
+        from the English contexts and questions. ``english_gold``: the English examples' answer is
+        the one the marks found, else the target's. ``filtered`` (filter_qa_translations_multi in
+        run.py): an item whose translation kept no mark is dropped, and with ``drop_empty`` (where
+        the translation is also the target side: translate-test) one whose marked answer is
+        empty. Returns the two lists and the counts."""
+        test = self.examples(self.lang.code, "test")
+        marked = [{"id": ex["id"], "context": quote_mark(ex), "question": ex["question"]} for ex in test]
+        translated = translate_examples(marked, self.fields, nllb_code(self.lang), "eng_Latn", self.translator,
+                                        self.cache("test", "x-en"),
+                                        desc=f"translate-test {self.lang.code}->en (answers marked)")
+        targets, english, counts = [], [], {"total": len(test), "lost": 0, "empty": 0}
+        for ex, fields in zip(test, translated):
+            found = quote_locate(fields["context"])
+            lost, empty = found["answer_start"] == -1, not found["answer"]
+            counts["lost"] += lost
+            counts["empty"] += empty and not lost
+            if filtered and (lost or (drop_empty and empty)):
+                continue
+            answers = [{"text": found["answer"], "answer_start": found["answer_start"]}] if english_gold else ex["answers"]
+            targets.append(ex)
+            english.append({**ex, "context": found["context"], "question": fields["question"].replace(QUOTE, ""),
+                            "answers": answers})
+        counts["kept"] = len(targets)
+        return targets, english, counts
 
     def missing(self, split: str, direction: str) -> int:
         """How many examples of ``split`` the ``direction`` translation cache lacks."""

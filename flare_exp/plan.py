@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from . import memory
 from .memory import THROUGHPUT
 from .methods import method_class, method_for
+from .protocol import translations
 from .record import STAGE1_RECORD, RESULTS, run_dir, stage1_dir, translation_cache
 from .report.experiments import command, split_experiment, sweep_configs
 
@@ -84,7 +85,7 @@ def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -
         fits.update(memory.job_fits(cfg, table))
         cfg = memory.fitted(cfg, table)  # the job as it runs: its remedy applied
         if cfg.mt.name != "gold":
-            for split, direction in method.translations:
+            for split, direction in translations(cfg.protocol, cfg.task, method):
                 path = translation_cache(cfg, split, direction)
                 size = _size(task, split, "en" if direction == "en-x" else lang)
                 add("translate", path, path.is_file(), size / TRANSLATE_PER_S / 3600, "estimate")

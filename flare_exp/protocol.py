@@ -31,7 +31,8 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 # The settings whose official value is built (BUILT_FOR: for those tasks only); setting another's
 # official value is refused, naming the departure, in a run it applies to, until it is.
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
-         "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test"}
+         "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
+         "qa_test_set"}
 BUILT_FOR = {"input_format": {"nusax"}}
 
 
@@ -52,6 +53,22 @@ def _qa(task, model, method) -> bool:
     return task.type == "qa"
 
 
+def quotes_test(protocol: DictConfig, task: DictConfig, method) -> bool:
+    """Whether the run translates its test set into English as the official code does, the gold
+    answer marked by quote marks (run_translate.py): to filter the test set by the marks
+    (``qa_test_set: markers_kept``) or to score translate-test against the English answer they
+    mark (``qa_translate_test_gold: english_markers``)."""
+    return task.type == "qa" and (protocol.qa_test_set == "markers_kept" or (
+        protocol.qa_translate_test_gold == "english_markers" and method.test_input == "english"))
+
+
+def translations(protocol: DictConfig, task: DictConfig, method) -> list[tuple[str, str]]:
+    """The (split, direction) translations a run reads where the English is MT: the method's, and
+    under ``qa_test_set: markers_kept`` the test set's into English, which the filter reads."""
+    extra = [("test", "x-en")] if task.type == "qa" and protocol.qa_test_set == "markers_kept" else []
+    return list(dict.fromkeys([*method.translations, *extra]))
+
+
 def _generative(task, model, method) -> bool:
     return model.kind != "encoder"
 
@@ -65,7 +82,8 @@ def _4bit_decoder(task, model, method) -> bool:
 # value not built yet is no departure there.
 APPLIES = {
     "qa_decoder_stage1": lambda task, model, method: task.type == "qa" and model.kind == "decoder",
-    "qa_translate_test_gold": _qa, "qa_test_set": _qa,
+    "qa_translate_test_gold": lambda task, model, method: task.type == "qa" and method.test_input == "english",
+    "qa_test_set": _qa,
     "qa_windows": lambda task, model, method: task.type == "qa" and model.kind == "encoder",
     "qa_encoder_score": lambda task, model, method: task.type == "qa" and model.kind == "encoder",
     "max_new_tokens": _generative, "generation": _generative, "decoder_scoring": _generative,

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .methods import method_for
+from .protocol import quotes_test
 
 POINTER = "run.json"  # written into Hydra's job folder: where this job's results went
 ADAPTER = "adapter.safetensors"  # a run's trained stage 2, beside its results.json
@@ -129,10 +130,11 @@ def evaluation_dir(cfg: DictConfig) -> Path:
 # -- translation caches ------------------------------------------------------------------------
 def translator_name(cfg: DictConfig) -> str:
     """The name of the configured MT system that names its caches: the MT config's name, its
-    beams and length (``fake`` alone)."""
+    beams and length (``fake`` alone, or with the hash of the texts it loses markers in)."""
     mt = cfg.mt
     if mt.name == "fake":
-        return "fake"
+        lose = list(mt.get("lose_markers_in") or [])
+        return f"fake-lose{config_hash(lose, 6)}" if lose else "fake"
     return f"{mt.name}-beams{mt.get('beams') or 'default'}-len{translation_max_length(cfg)}"
 
 
@@ -147,9 +149,12 @@ def cache_file(root: Path, task: str, split: str, direction: str, lang: str, nam
 
 def translation_cache(cfg: DictConfig, split: str, direction: str) -> Path:
     """The cache of ``split`` translated in ``direction`` (en-x: English into the run's language;
-    x-en: the run's language into English) by the configured MT system."""
-    return cache_file(Path(cfg.output_dir) / "translations", cfg.task.name, split, direction, cfg.lang.code,
-                      translator_name(cfg))
+    x-en: the run's language into English) by the configured MT system; a test set translated with
+    its answers marked as the official code marks them (``protocol.quotes_test``) has its own."""
+    name = translator_name(cfg)
+    if (split, direction) == ("test", "x-en") and quotes_test(cfg.protocol, cfg.task, method_for(cfg.method)):
+        name += "+quotes"
+    return cache_file(Path(cfg.output_dir) / "translations", cfg.task.name, split, direction, cfg.lang.code, name)
 
 
 def read_cache(path: Path) -> dict[str, dict]:

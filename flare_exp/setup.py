@@ -26,7 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import official_separator
+from .protocol import official_separator, quotes_test, translations
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -62,10 +62,10 @@ def check(cfg: DictConfig, access: bool = True) -> None:
         raise ConfigError(f"Task {task.name} has no language {lang.code!r}; choose lang from {list(task.languages)}.")
     if task.type not in ("classification", "qa"):
         raise ConfigError(f"Unknown task type {task.type!r} (classification or qa).")
-    translates = method.reads_english_test or method.trains
-    if mt.name == "gold" and not task.parallel and translates:
+    if mt.name == "gold" and not task.parallel and translations(cfg.protocol, task, method):
+        why = "" if method.translations else " to filter its test set (protocol.qa_test_set=markers_kept)"
         raise ConfigError(
-            f"Task {task.name} is not parallel, so method {method.name} needs machine translation: "
+            f"Task {task.name} is not parallel, so method {method.name} needs machine translation{why}: "
             f"choose mt from {[m for m in _choices('mt') if m != 'gold']}."
         )
     if model.kind not in ("encoder", "decoder", "encoder_decoder"):
@@ -160,6 +160,27 @@ class Setup:
         return Pairs(self.examples, self.lang, self.translator,
                      lambda split, direction: record.translation_cache(self.cfg, split, direction))
 
+    @property
+    def english_gold(self) -> bool:
+        """Translate-test QA scored against the English answer the official code's marks find
+        (``protocol.qa_translate_test_gold: english_markers``), not against the target's gold
+        through answers translated back."""
+        return (self.task.type == "qa" and self.method.test_input == "english"
+                and self.protocol.qa_translate_test_gold == "english_markers")
+
+    def test_data(self) -> tuple[list[dict], list[dict] | None, dict]:
+        """(the target test set, its English version or None where the method reads none, what the
+        protocol's filter dropped: ``protocol.qa_test_set: markers_kept``, TyDiQA's test set as the
+        official code filters it, the items whose translation into English lost the marks of the
+        answer)."""
+        reads = self.method.reads_english_test
+        if self.translator is None or not quotes_test(self.protocol, self.task, self.method):
+            test, english = self.pairs.test(english=reads)
+            return test, english, {}
+        test, english, counts = self.pairs.quoted_test(self.english_gold, self.protocol.qa_test_set == "markers_kept",
+                                                       drop_empty=self.method.test_input == "english")
+        return test, english if reads else None, {"test_set": counts}
+
     def check_data(self) -> dict[str, int]:
         """Read and check every split the run reads, before any model loads (they stay read);
         the counts of empty texts."""
@@ -181,7 +202,7 @@ class Setup:
                     f"run stage=stage1 first {chained}.")
         if self.gold:
             return None
-        for split, direction in self.method.translations:
+        for split, direction in translations(self.protocol, self.task, self.method):
             missing = self.pairs.missing(split, direction)
             if missing:
                 return (f"{missing} {direction} translations of {self.task.name} {split} ({self.lang.code}) are "
@@ -355,7 +376,7 @@ class Setup:
         for row, target in zip(rows, test):
             row["id"] = target["id"]
         extra = {}
-        if self.batcher.qa and self.method.test_input == "english" and self.translator is not None:
+        if self.batcher.qa and self.method.test_input == "english" and self.translator is not None and not self.english_gold:
             # Both are reported: the English answers as they are (the paper's translate-test),
             # and translated back into the target language (the headline metrics).
             extra["metrics_without_back_translation"] = score(rows, self.batcher)

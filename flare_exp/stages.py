@@ -40,10 +40,17 @@ def translate(setup: Setup) -> dict:
     task, pairs, started = setup.task, setup.pairs, time.perf_counter()
     targets, _, info = pairs.training()
     validation, _, validation_info = pairs.training("validation")
-    test, english_test = pairs.test()
+    protocol, quoted = setup.protocol, {}
+    if not (task.type == "qa" and protocol.qa_test_set == "markers_kept"):  # else no method reads it
+        test, english_test = pairs.test()
+    if task.type == "qa" and (protocol.qa_test_set == "markers_kept"
+                              or protocol.qa_translate_test_gold == "english_markers"):
+        # translated with the answers marked, as the official code's filter and translate-test read it
+        test, _, counts = pairs.quoted_test(False, protocol.qa_test_set == "markers_kept", drop_empty=False)
+        quoted = {"test_set": counts}
     report = {"task": task.name, "lang": setup.lang.code, "mt": setup.translator.name,
               "train_examples": len(targets), "validation_examples": len(validation), "test_examples": len(test),
-              "seconds": time.perf_counter() - started, **info,
+              "seconds": time.perf_counter() - started, **info, **quoted,
               **({"validation_answer_projection": validation_info["answer_projection"]} if validation_info else {})}
     if task.parallel:  # the human English exists: how good is the MT?
         gold = setup.examples("en", "test")
@@ -86,7 +93,7 @@ def train_and_test(setup: Setup, job_dir: Path | None = None) -> dict | None:
     with tracker(cfg, method, out, enabled=rank == 0) as wandb_run:
         if method.trains:
             train_stats, data_info = setup.train(model, log=wandb_run.log if wandb_run is not None else None)
-        test, english_test = setup.pairs.test(english=method.reads_english_test)
+        test, english_test, test_info = setup.test_data()
         if rank:
             return None
         if method.trains and cfg.train.get("save_adapter", True):
@@ -98,7 +105,7 @@ def train_and_test(setup: Setup, job_dir: Path | None = None) -> dict | None:
             "metrics": metrics, **extra_metrics, "headline_metric": setup.task.metric,
             "stage1": {"dir": str(setup.stage1_path), "train": stage1_info["train"]},
             "stage1_english": stage1_info["english_test"], "stage2_train": train_stats,
-            "data": {**data_info, **({"empty_texts": empty_texts} if empty_texts else {})},
+            "data": {**data_info, **test_info, **({"empty_texts": empty_texts} if empty_texts else {})},
             "timing": {"run_seconds": time.perf_counter() - started, "started_at": started_at,
                        "device": str(setup.device)},
             "git_commit": record.git_commit(), "run_id": record.config_hash(setup.identity, 8),
@@ -133,7 +140,7 @@ def evaluate(setup: Setup) -> dict:
     if method.trains:
         adapters.load(model, out / record.ADAPTER)
     fields = list(setup.task.fields)
-    test, clean = setup.pairs.test()
+    test, clean, _ = setup.test_data()
     english = english_source(clean, test, fields, cfg.source.mode, float(cfg.source.rate), int(cfg.source.seed))
     rows, metrics, extra = setup.test(model, test, english, folder)
     quality = {f: translation_quality([e[f] for e in english], [c[f] for c in clean]) for f in fields}

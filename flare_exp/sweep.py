@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .access import preflight
 from .methods import method_for
+from .protocol import translations
 from .settings import check_settings
 from .report.experiments import command, split_experiment, sweep_configs, sweep_params
 
@@ -44,7 +45,8 @@ def stage_commands(experiment: str, overrides: list[str], launcher: str, wait: b
     jobs = jobs if jobs is not None else jobs_of(experiment, overrides, launcher)
     params = sweep_params(experiment, [f"hydra/launcher={launcher}", *overrides])
     methods = [method_for(cfg.method) for _, cfg in jobs]
-    translates = any(cfg.mt.name != "gold" and method.translations for (_, cfg), method in zip(jobs, methods))
+    translates = any(cfg.mt.name != "gold" and translations(cfg.protocol, cfg.task, method)
+                     for (_, cfg), method in zip(jobs, methods))
     base = [str(ROOT / "run.py"), "-m", f"experiment={experiment}", f"hydra/launcher={launcher}", *overrides]
     slurm = launcher == "slurm"
     stages = []

@@ -28,6 +28,7 @@ from .record import read_cache
 log = logging.getLogger(__name__)
 
 MARKERS = (('"', '"'), ("«", "»"))
+QUOTE = '"'  # the official code's one marker
 
 
 def nllb_code(lang_cfg) -> str:
@@ -236,6 +237,30 @@ def locate_answer(translated: str, markers: tuple[str, str]) -> tuple[dict | Non
     context = before + gap + translated[second + 1:]
     start = len(before) + (len(gap) - len(gap.lstrip()))
     return {"context": context, "answer": answer, "answer_start": start}, "kept"
+
+
+def quote_mark(example: dict) -> str:
+    """The context marked as the official code marks it (run_translate.py, process_qa): every quote
+    mark removed, the answer's start moved back by as many marks as were removed anywhere in the
+    context (before the answer or not), and the span of the answer's length there wrapped in
+    quote marks."""
+    answer = example["answers"][0]
+    context = example["context"]
+    stripped = context.replace(QUOTE, "")
+    start = answer["answer_start"] - (len(context) - len(stripped))
+    end = start + len(answer["text"])
+    return stripped[:start] + QUOTE + stripped[start:end] + QUOTE + stripped[end:]
+
+
+def quote_locate(translated: str) -> dict:
+    """A translation of a ``quote_mark``ed context read as the official code reads it
+    (run_translate.py, postprocess_qa; tasks/tydiqa.py strips the marks): ``{"context", "answer",
+    "answer_start"}``, the context without quote marks, the answer between the first and the last
+    mark (one character short for each mark between them; empty where there is one mark), its
+    start -1 where there is no mark."""
+    start, end = translated.find(QUOTE), translated.rfind(QUOTE)
+    context = translated.replace(QUOTE, "")
+    return {"context": context, "answer": context[start:end - 1], "answer_start": start}
 
 
 def project_qa(examples: list[dict], translator, src: str, tgt: str, path: Path, part: int = SYNC_EVERY,

@@ -155,6 +155,69 @@ def test_official_decoder_tydiqa_run_starts_from_the_base_model_not_its_stage1(t
                            "protocol.qa_decoder_stage1=not_loaded"])).loads_stage1  # encoders load it
 
 
+# -- TyDiQA's test set as the official code translates, filters and scores it -------------------
+def test_official_quote_marks_are_placed_and_read_as_run_translate_py():
+    from flare_exp.translate import quote_locate, quote_mark
+
+    def item(context, answer, start=None):
+        return {"context": context, "answers": [{"text": answer, "answer_start": context.index(answer) if start is None
+                                                 else start}]}
+
+    assert quote_mark(item("Born in 1999 in Rio.", "1999")) == 'Born in "1999" in Rio.'
+    # quote marks before the answer: removed, the start moved back by their count, the answer marked
+    assert quote_mark(item('He said "hi" to Bob.', "Bob")) == 'He said hi to "Bob".'
+    # after it: the start still moves back by their count, so the marks miss the answer (the official bug)
+    assert quote_mark(item('Bob said "hi" today.', "said")) == 'Bo"b sa"id hi today.'
+    # read back: the first and the last mark, the marks stripped
+    assert quote_locate('Alizaliwa "1999" Rio.') == {"context": "Alizaliwa 1999 Rio.", "answer": "1999",
+                                                     "answer_start": 10}
+    assert quote_locate("no marks left") == {"context": "no marks left", "answer": "", "answer_start": -1}
+    assert quote_locate('one " mark') == {"context": "one  mark", "answer": "", "answer_start": 4}
+    # three marks: the first and the last, one character short for the mark between them
+    assert quote_locate('a "b" c" d') == {"context": "a b c d", "answer": "b c ", "answer_start": 2}
+
+
+def test_official_tydiqa_test_set_drops_what_lost_its_marks_and_translate_test_scores_the_english_answer(
+        tmp_path, qa_data, small):
+    from flare_exp.stages import run
+
+    lost = ["person number 3 ", "person number 7 "]  # their translations into English lose the marks
+    common = ["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=fake", f"mt.lose_markers_in=[{','.join(map(repr, lost))}]",
+              f"data.dir={qa_data}", "task.max_length=64", "task.stride=16",
+              *[o for o in small if not o.startswith(("task=", "mt="))],
+              "protocol.qa_test_set=markers_kept", "protocol.qa_translate_test_gold=english_markers"]
+    results = {m: run(make_cfg([*common, f"method={m}"], tmp_path)) for m in ("zero_shot", "translate_test", "flare")}
+    kept = [f"sw-3-{i}" for i in range(12) if i not in (3, 7)]
+    for method, result in results.items():
+        assert result["metrics"]["n"] == 10
+        assert result["data"]["test_set"] == {"total": 12, "lost": 2, "empty": 0, "kept": 10}
+        rows = [json.loads(l) for l in (run_path(tmp_path, f"runs/tydiqa/tiny-bert/fake/{method}/sw/seed100")
+                                        / "predictions.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == kept
+    translate_test = [json.loads(l) for l in (run_path(tmp_path, "runs/tydiqa/tiny-bert/fake/translate_test/sw/seed100")
+                                               / "predictions.jsonl").read_text().splitlines()]
+    zero_shot = [json.loads(l) for l in (run_path(tmp_path, "runs/tydiqa/tiny-bert/fake/zero_shot/sw/seed100")
+                                          / "predictions.jsonl").read_text().splitlines()]
+    # translate-test's gold: the English answer the marks found, its prediction not translated back
+    assert [r["gold"] for r in translate_test] == [[f"eng:{g[0]}"] for g in (r["gold"] for r in zero_shot)]
+    assert all(r["prediction"] == r["output"] for r in translate_test)
+    assert "metrics_without_back_translation" not in results["translate_test"]
+    # one cache of the marked test translation, beside the translate-train caches
+    caches = sorted(str(p.relative_to(tmp_path / "translations/tydiqa")) for p in (tmp_path / "translations").rglob("*.jsonl"))
+    name = caches[0].rsplit("/", 1)[1]
+    assert caches[0] == f"test/x-en-sw/{name}" and name.endswith("+quotes.jsonl") and len(caches) == 3
+
+
+def test_the_official_tydiqa_filter_needs_a_translation_even_for_zero_shot(tmp_path, qa_data):
+    from flare_exp.setup import Setup
+
+    with pytest.raises(ConfigError, match="needs machine translation to filter its test set"):
+        Setup(make_cfg(["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=gold", "method=zero_shot",
+                        f"data.dir={qa_data}", "protocol.qa_test_set=markers_kept"], tmp_path), access=False)
+    Setup(make_cfg(["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=gold", "method=zero_shot",
+                    f"data.dir={qa_data}"], tmp_path), access=False)  # the full test set needs none
+
+
 # -- budgets, precision, checkpointing ----------------------------------------------------------
 def test_official_generation_budget_and_4bit_settings_reach_the_run(tmp_path):
     from flare_exp.setup import Setup
