@@ -8,7 +8,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import classification_metrics, parse_label, qa_metrics
+from .metrics import classification_metrics, parse_label, qa_metrics, token_index_metrics
 from .data.batching import example_length, length_grouped
 from .data.batching import to_device as _to
 
@@ -53,8 +53,7 @@ def _predict_batch(model, batcher, chunk, source, device, max_new_tokens) -> tup
     if batcher.kind == "encoder" and batcher.qa:
         batch, layout = batcher.encode(chunk, source, train=False)
         out = model(**_to(batch, device))
-        spans = batcher.best_spans(chunk, layout, out.start_logits.float().cpu(), out.end_logits.float().cpu())
-        return spans, spans
+        return batcher.answers(chunk, layout, out.start_logits.float().cpu(), out.end_logits.float().cpu())
     batch = _to(batcher(chunk, source, train=False), device)
     if batcher.kind == "encoder":
         batch.pop("labels")
@@ -71,6 +70,8 @@ def _predict_batch(model, batcher, chunk, source, device, max_new_tokens) -> tup
 
 
 def score(rows: list[dict], batcher) -> dict:
+    if batcher.qa and getattr(batcher, "token_index", False):
+        return token_index_metrics([r["output"] for r in rows])
     if batcher.qa:
         return qa_metrics([r["prediction"] for r in rows], [r["gold"] for r in rows])
     return classification_metrics([r["gold"] for r in rows], [r["prediction"] for r in rows], batcher.labels)

@@ -105,3 +105,13 @@ def qa_metrics(predictions: list[str | None], answers: list[list[str]]) -> dict:
         f1 += max(token_f1(prediction, g) for g in golds)
     return {"exact_match": em / len(answers), "f1": f1 / len(answers), "n": len(answers),
             "invalid": sum(p is None for p in predictions)}
+
+
+def token_index_metrics(outputs: list[dict]) -> dict:
+    """The official code's exact match of an encoder's QA answers (tasks/tydiqa.py,
+    compute_metrics_cls): the argmax start and end token indices both equal to the gold ones
+    (``{"start", "end", "gold": [start, end]}`` each), in [0, 1]; it has no F1."""
+    if not outputs:
+        raise ValueError("No questions to score.")
+    hits = sum([o["start"], o["end"]] == list(o["gold"]) for o in outputs)
+    return {"exact_match": hits / len(outputs), "n": len(outputs), "invalid": 0}

@@ -32,7 +32,7 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 # official value is refused, naming the departure, in a run it applies to, until it is.
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
-         "qa_test_set"}
+         "qa_test_set", "max_length", "qa_windows", "qa_encoder_score"}
 BUILT_FOR = {"input_format": {"nusax"}}
 
 
@@ -169,6 +169,15 @@ def check(protocol: DictConfig, task: DictConfig | None = None, model: DictConfi
     missing = set(sound) - set(protocol)
     if missing:
         raise ConfigError(f"The protocol lacks {sorted(missing)}: select one with protocol=sound or protocol=official.")
+    if task is not None and model is not None and method is not None and applies("qa_encoder_score", task, model, method) \
+            and protocol.qa_encoder_score == "token_index":
+        if protocol.qa_windows != "one":
+            raise ConfigError("protocol.qa_encoder_score=token_index scores the token indices of one window: set "
+                              "protocol.qa_windows=one (or protocol.qa_encoder_score=text).")
+        if method.test_input == "english" and protocol.qa_translate_test_gold != "english_markers":
+            raise ConfigError("protocol.qa_encoder_score=token_index scores translate-test's answer in the English "
+                              "context: set protocol.qa_translate_test_gold=english_markers (or "
+                              "protocol.qa_encoder_score=text).")
 
 
 def _cell(value, note: str) -> str:

@@ -18,7 +18,7 @@ from . import adapters, record
 from .access import preflight
 from .data.collate import Batcher
 from .data.formats import SEPARATOR
-from .data.qa import SpanBatcher
+from .data.qa import OneWindowBatcher, SpanBatcher
 from .errors import ConfigError
 from .settings import check_settings
 from .evaluate import predict, score
@@ -210,10 +210,16 @@ class Setup:
         return None
 
     # -- batches -------------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        """The token budget of an input: ``protocol.max_length``, or the task's (doubled by input
+        fusion, ``make_batcher``)."""
+        return int(self.protocol.max_length or self.task.max_length)
+
     def make_batcher(self, plain: bool = False):
         """The batcher of this run's method (``plain``: of stage 1, whatever the method)."""
         factor = 1 if plain else self.method.length_factor
-        max_length = int(self.task.max_length * factor)
+        max_length = int(self.max_length * factor)
         limit = int(self.tokenizer.model_max_length)
         if max_length > limit:  # XLM-R's 512 positions under input fusion's doubled TyDiQA length
             log.warning("%s reads at most %d tokens: %s's inputs of %d tokens are cut to %d (QA: more windows).",
@@ -221,11 +227,17 @@ class Setup:
             max_length = limit
         mt_tokenizer = self.mt_encoder.tokenizer if not plain and self.method.needs_mt_encoder else None
         mt_lang = nllb_code(self.lang) if mt_tokenizer is not None else None
+        official = self.protocol.truncation_side == "left"  # the official code's cuts, right in stage 1
+        side = "right" if plain else self.protocol.truncation_side
         if self.task.type == "qa" and self.model_cfg.kind == "encoder":
+            if self.protocol.qa_windows == "one":
+                return OneWindowBatcher(self.tokenizer, max_length, side,
+                                        token_index=self.protocol.qa_encoder_score == "token_index",
+                                        mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
             return SpanBatcher(self.tokenizer, max_length, stride=self.task.get("stride", 128),
                                mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
         return Batcher(self.tokenizer, self.task, self.model_cfg.kind, max_length, mt_tokenizer=mt_tokenizer,
-                       mt_lang=mt_lang, truncation_side="right" if plain else self.protocol.truncation_side)
+                       mt_lang=mt_lang, truncation_side=side, official_cut=official)
 
     @cached_property
     def batcher(self):

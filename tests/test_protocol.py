@@ -128,6 +128,127 @@ def test_left_truncation_of_an_over_long_stage2_input_keeps_its_end_as_the_offic
         Batcher(tok, task, "encoder", 24, truncation_side="middle")
 
 
+def test_official_decoder_prompt_is_cut_by_the_answers_length_as_the_official_clm_datasets(make_cfg):
+    from flare_exp.data.collate import Batcher
+
+    tok, task = _tokenizer(), make_cfg(["task=demo"]).task
+    tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token  # a decoder's BOS and EOS
+    example = {"text": " ".join(f"word{i}" for i in range(60)), "label": "positive"}
+    prompt = task.prompt.format(text=example["text"])
+    answer = tok("positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for side in ("left", "right"):  # stage 2, stage 1
+        reference = type(tok).from_pretrained(tok.name_or_path, truncation_side=side)
+        # tokenizer(text, max_length=24, truncation=True): BOS + 23 prompt tokens; then [:24 - len(answer)]
+        expected = ([tok.bos_token_id] + reference(prompt, truncation=True, max_length=23,
+                                                   add_special_tokens=False)["input_ids"])[: 24 - len(answer)]
+        batcher = Batcher(tok, task, "decoder", 24, truncation_side=side, official_cut=True)
+        test = batcher([example], train=False)
+        assert test["input_ids"][0][test["attention_mask"][0] == 1].tolist() == expected
+        train = batcher([example], train=True)
+        assert train["input_ids"][0][train["attention_mask"][0] == 1].tolist() == expected + answer
+        assert train["labels"][0][-len(answer):].tolist() == answer and (train["labels"][0][:-len(answer)] == -100).all()
+    assert not tok.decode(expected).endswith("sentiment :")  # the official cut loses the cue
+    short = {"text": "good film", "label": "positive"}  # within max_length: nothing cut
+    ids = Batcher(tok, task, "decoder", 24, truncation_side="left", official_cut=True)([short], train=False)
+    assert tok.decode(ids["input_ids"][0][ids["attention_mask"][0] == 1]).endswith("sentiment :")
+
+
+# -- TyDiQA's encoders as the official code reads and scores them --------------------------------
+def _window_reference(tok, example, max_length, side="right"):
+    """tasks/tydiqa.py, QADataset, read independently: the tokenizer's pair without special tokens,
+    only_second in max_length - 1, the answer's tokens by their offsets, EOS after."""
+    reference = type(tok).from_pretrained(tok.name_or_path, truncation_side=side)
+    enc = reference(example["question"], example["context"], add_special_tokens=False, max_length=max_length - 1,
+                    truncation="only_second", return_offsets_mapping=True)
+    start = example["answers"][0]["answer_start"]
+    end = start + len(example["answers"][0]["text"])
+    tokens = [i for i, s in enumerate(enc.sequence_ids()) if s == 1]
+    first = [i for i in tokens if enc["offset_mapping"][i][0] == start]
+    last = [i for i in tokens if enc["offset_mapping"][i][1] == end]
+    gold = (first[0], last[0]) if first and last else (0, 0)
+    return enc["input_ids"] + [tok.sep_token_id], gold
+
+
+class _SpanStub(torch.nn.Module):
+    """A QA model whose start and end logits peak where it is told."""
+
+    def __init__(self, start, end):
+        super().__init__()
+        self.start, self.end = start, end
+
+    def forward(self, input_ids, attention_mask, **_):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(input_ids.shape)
+        starts, ends = logits.clone(), logits.clone()
+        starts[:, self.start], ends[:, self.end] = 1.0, 1.0
+        return SimpleNamespace(start_logits=starts, end_logits=ends)
+
+
+def test_official_one_window_and_token_index_exact_match_on_crafted_qa():
+    from flare_exp.data.qa import OneWindowBatcher
+    from flare_exp.evaluate import predict, score
+
+    tok = _tokenizer()
+    context = "In 1999 a storm came. He was born in 1999 in Rio."
+    example = {"id": "q", "question": "When was he born?", "context": context,
+               "answers": [{"text": "1999", "answer_start": context.rindex("1999")}]}  # the second 1999
+    batcher = OneWindowBatcher(tok, 40, token_index=True)
+    ids, gold = _window_reference(tok, example, 40)
+    batch = batcher([example])
+    assert batch["input_ids"][0][: len(ids)].tolist() == ids and batch["input_ids"].shape == (1, 40)
+    assert (batch["input_ids"][0][len(ids):] == tok.pad_token_id).all() and batch["attention_mask"][0].sum() == len(ids)
+    assert (int(batch["start_positions"][0]), int(batch["end_positions"][0])) == gold and gold[0] > 0
+    first = next(i for i in range(len(ids)) if tok.decode([ids[i]]) == "1999")  # the first 1999's token
+    assert first < gold[0]
+
+    def scored(start, end):
+        rows = predict(_SpanStub(start, end), batcher, [example], None, 8, "cpu", 1, desc="stub")
+        return rows, score(rows, batcher)
+
+    rows, metrics = scored(*gold)
+    assert metrics == {"exact_match": 1.0, "n": 1, "invalid": 0} and rows[0]["prediction"] == "1999"
+    rows, metrics = scored(first, first)  # the same text at other tokens: a miss by token index
+    assert rows[0]["prediction"] == "1999" and metrics["exact_match"] == 0.0
+    text_batcher = OneWindowBatcher(tok, 40)  # scored as text, the same prediction is a hit
+    assert score(predict(_SpanStub(first, first), text_batcher, [example], None, 8, "cpu", 1, desc="stub"),
+                 text_batcher)["exact_match"] == 1.0
+    # an answer the window lacks is (0, 0), the first question token: a model pointing there scores
+    short = OneWindowBatcher(tok, 14, token_index=True)
+    assert _window_reference(tok, example, 14)[1] == (0, 0)
+    assert score(predict(_SpanStub(0, 0), short, [example], None, 8, "cpu", 1, desc="stub"), short)["exact_match"] == 1.0
+    # left truncation (stage 2) cuts the context's start: the answer near its end is in the window
+    left = OneWindowBatcher(tok, 14, truncation_side="left", token_index=True)
+    ids, gold = _window_reference(tok, example, 14, side="left")
+    batch = left([example])
+    assert batch["input_ids"][0][: len(ids)].tolist() == ids and gold != (0, 0)
+    assert (int(batch["start_positions"][0]), int(batch["end_positions"][0])) == gold
+
+
+def test_official_tydiqa_encoder_runs_one_window_of_the_protocols_length(tmp_path, qa_data, small):
+    from flare_exp.data.qa import OneWindowBatcher
+    from flare_exp.setup import Setup
+    from flare_exp.stages import run
+
+    common = ["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
+              *[o for o in small if not o.startswith(("task=", "mt="))],
+              "protocol.max_length=32", "protocol.qa_windows=one", "protocol.qa_encoder_score=token_index",
+              "protocol.qa_test_set=markers_kept", "protocol.qa_translate_test_gold=english_markers",
+              "protocol.truncation_side=left"]
+    setup = Setup(make_cfg([*common, "method=flare"], tmp_path), access=False)
+    assert isinstance(setup.batcher, OneWindowBatcher) and setup.batcher.token_index
+    assert (setup.batcher.max_length, setup.batcher.truncation_side) == (32, "left")
+    assert setup.stage1_batcher.truncation_side == "right"  # run_task_ft.py: the tokenizer's right
+    for method in ("zero_shot", "translate_test", "flare"):
+        metrics = run(make_cfg([*common, f"method={method}"], tmp_path))["metrics"]
+        assert metrics.keys() == {"exact_match", "n", "invalid"} and metrics["n"] == 12 and 0 <= metrics["exact_match"] <= 1
+    with pytest.raises(ConfigError, match="token_index scores the token indices of one window"):
+        Setup(make_cfg([*common, "method=flare", "protocol.qa_windows=strided"], tmp_path), access=False)
+    with pytest.raises(ConfigError, match="token_index scores translate-test's answer in the English context"):
+        Setup(make_cfg([*common, "method=translate_test", "protocol.qa_translate_test_gold=back_translated"],
+                       tmp_path), access=False)
+
+
 # -- a decoder's TyDiQA stage 1 (the official code's bug) ---------------------------------------
 def test_official_decoder_tydiqa_run_starts_from_the_base_model_not_its_stage1(tmp_path, qa_data):
     from flare_exp.evaluate import predict
@@ -313,10 +434,10 @@ def test_an_official_setting_not_built_yet_is_refused_only_where_it_can_change_t
         check("model=minilm", "task=nusax", "lang=jav", f"method={method}")
     with pytest.raises(ConfigError, match="protocol.input_format=concatenated .* not built yet"):
         check("model=minilm", "task=xnli", "lang=sw", "method=lora")  # XNLI's one segment
-    with pytest.raises(ConfigError, match="protocol.max_length=128 .* not built yet for tydiqa"):
-        check("model=xlmr-large", "task=tydiqa", "lang=sw", "method=lora",
-              *[f"protocol.{k}={SOUND[k]}" for k in ("qa_translate_test_gold", "qa_test_set", "qa_windows",
-                                                       "qa_encoder_score")])
+    for method in ("zero_shot", "translate_test", "lora", "flare"):  # XLM-R on TyDiQA: all built but the format
+        check("model=xlmr-large", "task=tydiqa", "lang=sw", f"method={method}", "protocol.input_format=pair")
+    with pytest.raises(ConfigError, match="protocol.generation=model_config .* not built yet"):
+        check("model=llama3.1-8b", "task=tydiqa", "lang=sw", "method=lora", "protocol.input_format=pair")
     with pytest.raises(ConfigError, match="not built yet"):  # without the method, nothing is taken as inert
         check_settings(make_cfg(["protocol=official", "model=minilm", "task=nusax", "lang=jav", "method=lora"]))
 

@@ -23,12 +23,13 @@ class Batcher:
     """
 
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, mt_tokenizer=None,
-                 mt_lang: str | None = None, truncation_side: str = "right"):
+                 mt_lang: str | None = None, truncation_side: str = "right", official_cut: bool = False):
         if kind not in ("encoder", "decoder", "encoder_decoder"):
             raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
         if truncation_side not in ("right", "left"):
             raise ValueError(f"Unknown truncation side {truncation_side!r} (right or left).")
         self.truncation_side = truncation_side
+        self.official_cut = official_cut and kind == "decoder"
         self.tokenizer = tokenizer
         self.fields = list(task_cfg.fields)
         self.qa = task_cfg.type == "qa"
@@ -70,6 +71,19 @@ class Batcher:
             ids = ids[max(len(ids) - budget, 0):]
         return bos + ids + eos
 
+    def _official_prompt_ids(self, example, answer: list[int]) -> list[int]:
+        """A decoder's prompt cut as the official code cuts it (tasks/*.py, the CLM datasets, train
+        and test alike): BOS and the prompt in ``max_length`` tokens (the prompt's end kept under
+        left truncation, its beginning under right), then, where it and ``answer`` (the gold
+        answer's tokens and EOS) exceed ``max_length``, the prompt's tail cut by the answer's
+        length."""
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = tok(self.prompt.format(**{f: example[f] for f in self.fields}), add_special_tokens=False)["input_ids"]
+        room = max(self.max_length - len(bos), 0)
+        ids = bos + (ids[max(len(ids) - room, 0):] if self.truncation_side == "left" else ids[:room])
+        return ids[: self.max_length - len(answer)] if len(ids) + len(answer) > self.max_length else ids
+
     def answer_text(self, example) -> str:
         return example["answers"][0]["text"] if self.qa else example["label"]
 
@@ -88,8 +102,14 @@ class Batcher:
                 mask[i, span] = 1
         return ids, mask
 
-    def _prompts(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self._prompt_ids(ex, self.max_length) for ex in examples]
+    def _prompts(self, examples, answers_of=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts of ``examples``, padded; under ``official_cut`` each cut by the gold answer
+        of its row of ``answers_of`` (the target examples; default ``examples``)."""
+        if self.official_cut:
+            answers = [self.answer_ids(self.answer_text(ex)) for ex in (answers_of or examples)]
+            rows = [self._official_prompt_ids(ex, a) for ex, a in zip(examples, answers)]
+        else:
+            rows = [self._prompt_ids(ex, self.max_length) for ex in examples]
         return self._pad(rows, self.tokenizer.pad_token_id, left=self.kind == "decoder")
 
     def _mt_source(self, examples) -> dict:
@@ -116,7 +136,8 @@ class Batcher:
             ids, mask = self._prompts(examples)
             labels, label_mask = self._pad(answers, pad, left=False)
             return {"input_ids": ids, "attention_mask": mask, "labels": labels.masked_fill(label_mask == 0, -100)}, None
-        prompts = [self._prompt_ids(ex, self.max_length - len(a)) for ex, a in zip(examples, answers)]
+        prompts = [self._official_prompt_ids(ex, a) if self.official_cut else self._prompt_ids(ex, self.max_length - len(a))
+                   for ex, a in zip(examples, answers)]
         ids, mask = self._pad([p + a for p, a in zip(prompts, answers)], pad, left=True)
         labels = torch.full_like(ids, -100)
         for i, answer in enumerate(answers):
@@ -133,7 +154,7 @@ class Batcher:
             if self.kind == "encoder":
                 source = {f"source_{k}": v for k, v in self._encode_pairs(english).items()}
             else:
-                ids, mask = self._prompts(english)
+                ids, mask = self._prompts(english, answers_of=examples)
                 source = {"source_input_ids": ids, "source_attention_mask": mask}
         else:
             return batch

@@ -139,3 +139,118 @@ class SpanBatcher:
                         text = examples[row]["context"][int(offsets[f, s, 0]):int(offsets[f, e, 1])]
                         best[row] = (score, text)
         return [text for _, text in best]
+
+    def answers(self, examples, layout: SpanLayout, start_logits, end_logits) -> tuple[list, list]:
+        """(outputs, predictions) of an evaluation batch: the best span's text, both."""
+        spans = self.best_spans(examples, layout, start_logits, end_logits)
+        return spans, spans
+
+
+@dataclass
+class WindowLayout:
+    """Where the answer of each example of an evaluation batch is: its tokens' character spans,
+    which tokens are context, and the gold start and end token indices."""
+
+    offsets: list[list[tuple[int, int]]]
+    sequence_ids: list[list[int | None]]
+    gold: list[tuple[int, int]]
+
+
+class OneWindowBatcher:
+    """Extractive QA as the official code reads it (``protocol.qa_windows: one``; tasks/tydiqa.py,
+    QADataset): question and context without special tokens, the context cut (only_second, on
+    ``truncation_side``) to ``max_length - 1`` tokens, then EOS (an encoder without one: its SEP),
+    right padding to ``max_length``; the answer's start and end token indices found by the
+    official loop over the context tokens, (0, 0) where the window lacks it. ``token_index``
+    (``protocol.qa_encoder_score``): an answer scores by its indices (argmax over every position,
+    padding included), else by its text. A question too long to leave one context token (the
+    official code fails on it) is cut to ``max_length - 2`` tokens. FLARE's English source is
+    read the same way; FLARE MT's as ``SpanBatcher`` reads it."""
+
+    kind = "encoder"
+    qa = True
+    labels = None
+
+    def __init__(self, tokenizer, max_length: int = 128, truncation_side: str = "right", token_index: bool = False,
+                 mt_tokenizer=None, mt_lang: str | None = None):
+        if not tokenizer.is_fast:
+            raise ValueError("The span head needs a fast tokenizer (offset mappings).")
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"Unknown truncation side {truncation_side!r} (right or left).")
+        self.tokenizer, self.max_length, self.truncation_side = tokenizer, max_length, truncation_side
+        self.token_index = token_index
+        self.end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.mt_tokenizer, self.mt_lang = mt_tokenizer, mt_lang
+
+    def window(self, example: dict) -> tuple[list[int], list, list, tuple[int, int]]:
+        """(token ids, offsets, sequence ids, (start, end) of the answer) of one example."""
+        tok = self.tokenizer
+        question = example["question"]
+        ids = tok(question, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_length - 2:
+            question = tok.decode(ids[: self.max_length - 2])
+        side, tok.truncation_side = tok.truncation_side, self.truncation_side
+        try:
+            enc = tok(question, example["context"], add_special_tokens=False, max_length=self.max_length - 1,
+                      truncation="only_second", return_offsets_mapping=True)
+        finally:
+            tok.truncation_side = side
+        offsets, sequence = enc["offset_mapping"], enc.sequence_ids()
+        answer = example["answers"][0]
+        start_char = answer["answer_start"]
+        end_char = start_char + len(answer["text"])
+        context = [i for i, s in enumerate(sequence) if s == 1]
+        start = end = None
+        for i in context:
+            if offsets[i][0] <= start_char < offsets[i][1]:
+                start = i
+            if offsets[i][0] < end_char <= offsets[i][1]:
+                end = i
+                break
+        if start is None or end is None:
+            start = end = 0
+        return enc["input_ids"] + [self.end_id], offsets, sequence, (start, end)
+
+    def _padded(self, windows) -> dict:
+        ids = torch.full((len(windows), self.max_length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(windows), self.max_length), dtype=torch.long)
+        for row, window in enumerate(windows):
+            ids[row, : len(window[0])] = torch.tensor(window[0])
+            mask[row, : len(window[0])] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def __call__(self, examples: list[dict], english: list[dict] | None = None, train: bool = True) -> dict:
+        return self.encode(examples, english, train)[0]
+
+    def encode(self, examples: list[dict], english: list[dict] | None = None,
+               train: bool = True) -> tuple[dict, WindowLayout | None]:
+        windows = [self.window(ex) for ex in examples]
+        batch = self._padded(windows)
+        layout = None
+        if train:
+            batch["start_positions"] = torch.tensor([w[3][0] for w in windows])
+            batch["end_positions"] = torch.tensor([w[3][1] for w in windows])
+        else:
+            layout = WindowLayout([w[1] for w in windows], [w[2] for w in windows], [w[3] for w in windows])
+        if self.mt_tokenizer is not None:
+            self.mt_tokenizer.src_lang = self.mt_lang
+            mt = self.mt_tokenizer([f"{ex['question']}\n{ex['context']}" for ex in examples], truncation=True,
+                                   max_length=self.max_length, padding=True, return_tensors="pt")
+            batch["mt_input_ids"], batch["mt_attention_mask"] = mt["input_ids"], mt["attention_mask"]
+        elif english is not None:
+            source = self._padded([self.window(ex) for ex in english])
+            batch.update({f"source_{k}": v for k, v in source.items()})
+        return batch, layout
+
+    def answers(self, examples, layout: WindowLayout, start_logits, end_logits) -> tuple[list, list]:
+        """(outputs, predictions) of an evaluation batch: each output the argmax start and end token
+        indices and the gold ones, each prediction the text between them (empty where they are
+        not an ordered span of context tokens)."""
+        outputs, texts = [], []
+        for row, example in enumerate(examples):
+            start, end = int(start_logits[row].argmax()), int(end_logits[row].argmax())
+            sequence, offsets = layout.sequence_ids[row], layout.offsets[row]
+            inside = all(i < len(sequence) and sequence[i] == 1 for i in (start, end)) and start <= end
+            texts.append(example["context"][offsets[start][0]:offsets[end][1]] if inside else "")
+            outputs.append({"start": start, "end": end, "gold": list(layout.gold[row])})
+        return outputs, texts
