@@ -14,25 +14,40 @@ from omegaconf import DictConfig
 
 from .data import DataError, load_examples
 from .record import read_cache
-from .translate import (QUOTE, FakeTranslator, NLLBTranslator, nllb_code, project_qa, quote_locate, quote_mark,
-                        translate_examples)
+from .translate import (QUOTE, FakeTranslator, NLLBTranslator, nllb_code, project_qa, project_qa_quotes,
+                        quote_locate, quote_mark, translate_examples)
 
 
 class Examples:
     """The examples of one task, read once per (language, split) and capped as ``data.*`` says
     (``max_train``, ``max_validation``, ``max_test``)."""
 
-    def __init__(self, task_cfg: DictConfig, data_cfg: DictConfig):
+    def __init__(self, task_cfg: DictConfig, data_cfg: DictConfig, strip_quotes: bool = False):
         self.task, self.data = task_cfg, data_cfg
+        self.strip_quotes = strip_quotes  # protocol.qa_answer_projection: quotes (tasks/tydiqa.py)
         self._read: dict[tuple[str, str], list[dict]] = {}
+        self._stripped: dict[tuple[str, str], list[dict]] = {}
 
-    def __call__(self, lang: str, split: str) -> list[dict]:
+    def raw(self, lang: str, split: str) -> list[dict]:
+        """The examples as the data holds them."""
         key = (lang, split)
         if key not in self._read:
             rows = load_examples(self.task, lang, split, self.data.dir, self.data.get("hub_mirror"))
             cap = {"train": self.data.max_train, "test": self.data.max_test}.get(split, self.data.get("max_validation"))
             self._read[key] = rows[: int(cap)] if cap else rows
         return self._read[key]
+
+    def __call__(self, lang: str, split: str) -> list[dict]:
+        """The examples a run reads: as the data holds them, or with ``strip_quotes`` every quote
+        mark removed from their contexts and questions and the answer starts not moved (the
+        official code's load_data)."""
+        if not self.strip_quotes:
+            return self.raw(lang, split)
+        key = (lang, split)
+        if key not in self._stripped:
+            self._stripped[key] = [{**ex, **{f: ex[f].replace(QUOTE, "") for f in ("context", "question") if f in ex}}
+                                   for ex in self.raw(lang, split)]
+        return self._stripped[key]
 
     def paired(self, lang: str, split: str) -> tuple[list[dict], list[dict]]:
         """Target examples and their human English versions (parallel data, ``mt=gold``)."""
@@ -55,11 +70,11 @@ class Examples:
         (``gold``) and a QA answer that is not at its offset in the context are refused
         (DataError, one sentence). Empty texts are counted and reported (refused with
         ``empty_texts="refuse"``). Returns those counts."""
-        data = {key: self(*key) for key in dict.fromkeys(reads)}
+        data = {key: self.raw(*key) for key in dict.fromkeys(reads)}
         empty = {}
         for (code, split), rows in data.items():
             if gold and code == lang and code != "en":
-                self.check_parallel(lang, split, rows, self("en", split))
+                self.check_parallel(lang, split, rows, self.raw("en", split))
             where = f"{self.task.name} {code} {split}"
             misplaced = [ex["id"] for ex in rows for a in ex.get("answers", [])
                          if ex["context"][a["answer_start"]:a["answer_start"] + len(a["text"])] != a["text"]]
@@ -106,9 +121,10 @@ class Pairs:
     ``cache(split, direction)`` (en-x: English into the language, x-en: into English)."""
 
     def __init__(self, examples: Examples, lang_cfg: DictConfig, translator=None,
-                 cache: Callable[[str, str], Path] | None = None):
+                 cache: Callable[[str, str], Path] | None = None, quotes: bool = False):
         self.examples, self.task, self.lang = examples, examples.task, lang_cfg
         self.translator, self.cache = translator, cache
+        self.quotes = quotes  # translate-train's QA answers marked as the official code marks them
 
     @property
     def fields(self) -> list[str]:
@@ -125,7 +141,9 @@ class Pairs:
         src, tgt, path = "eng_Latn", nllb_code(self.lang), self.cache(split, "en-x")
         desc = f"translate-{split} en->{self.lang.code}"
         if self.task.type == "qa":
-            targets, counts = project_qa(english, self.translator, src, tgt, path, desc=desc)
+            project = project_qa_quotes if self.quotes else project_qa
+            targets, counts = project(self.examples.raw("en", split) if self.quotes else english, self.translator,
+                                      src, tgt, path, desc=desc)
             by_id = {ex["id"]: ex for ex in english}
             return targets, [by_id[t["id"]] for t in targets], {"answer_projection": counts}
         translated = translate_examples(english, self.fields, src, tgt, self.translator, path, desc=desc)
@@ -153,7 +171,8 @@ class Pairs:
         the translation is also the target side: translate-test) one whose marked answer is
         empty. Returns the two lists and the counts."""
         test = self.examples(self.lang.code, "test")
-        marked = [{"id": ex["id"], "context": quote_mark(ex), "question": ex["question"]} for ex in test]
+        marked = [{"id": ex["id"], "context": quote_mark(ex), "question": ex["question"]}
+                  for ex in self.examples.raw(self.lang.code, "test")]  # marked as the data holds them
         translated = translate_examples(marked, self.fields, nllb_code(self.lang), "eng_Latn", self.translator,
                                         self.cache("test", "x-en"),
                                         desc=f"translate-test {self.lang.code}->en (answers marked)")

@@ -32,8 +32,20 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 # official value is refused, naming the departure, in a run it applies to, until it is.
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
-         "qa_test_set", "max_length", "qa_windows", "qa_encoder_score"}
+         "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection"}
 BUILT_FOR = {"input_format": {"nusax"}}
+
+
+# Settings added after runs were recorded: in a run's identity (and its stage-1 key) only where
+# they depart from sound, so that the runs recorded before them keep their identity.
+ADDED = {"qa_answer_projection"}
+
+
+def identity(values: dict) -> dict:
+    """The protocol settings ``values`` (a plain dict) as a run's identity holds them: without an
+    ``ADDED`` setting at its sound value."""
+    sound = read("sound")[1]
+    return {k: v for k, v in values.items() if not (k in ADDED and v == sound[k].value)}
 
 
 def built(key: str, task: DictConfig | None = None) -> bool:
@@ -83,7 +95,7 @@ def _4bit_decoder(task, model, method) -> bool:
 APPLIES = {
     "qa_decoder_stage1": lambda task, model, method: task.type == "qa" and model.kind == "decoder",
     "qa_translate_test_gold": lambda task, model, method: task.type == "qa" and method.test_input == "english",
-    "qa_test_set": _qa,
+    "qa_test_set": _qa, "qa_answer_projection": _qa,
     "qa_windows": lambda task, model, method: task.type == "qa" and model.kind == "encoder",
     "qa_encoder_score": lambda task, model, method: task.type == "qa" and model.kind == "encoder",
     "max_new_tokens": _generative, "generation": _generative, "decoder_scoring": _generative,

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .methods import method_for
+from .protocol import identity as protocol_identity
 from .protocol import quotes_test
 
 POINTER = "run.json"  # written into Hydra's job folder: where this job's results went
@@ -87,6 +88,8 @@ def run_identity(cfg: DictConfig) -> dict:
         for key in parents:
             node = node.get(key, {})
         node.pop(leaf, None)
+    if "protocol" in identity:
+        identity["protocol"] = protocol_identity(identity["protocol"])
     return identity
 
 
@@ -106,7 +109,8 @@ def stage1_key(cfg: DictConfig) -> str:
                    if k != "checkpoint_every"},
         "seed": cfg.seed,
         "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "max_train": cfg.data.max_train},
-        "protocol": {k: v for k, v in OmegaConf.to_container(cfg.protocol, resolve=True).items() if k != "name"},
+        "protocol": {k: v for k, v in protocol_identity(OmegaConf.to_container(cfg.protocol, resolve=True)).items()
+                     if k != "name"},
     }
     return config_hash(identity, 12)
 
@@ -149,10 +153,13 @@ def cache_file(root: Path, task: str, split: str, direction: str, lang: str, nam
 
 def translation_cache(cfg: DictConfig, split: str, direction: str) -> Path:
     """The cache of ``split`` translated in ``direction`` (en-x: English into the run's language;
-    x-en: the run's language into English) by the configured MT system; a test set translated with
-    its answers marked as the official code marks them (``protocol.quotes_test``) has its own."""
+    x-en: the run's language into English) by the configured MT system; QA data translated with
+    its answers marked as the official code marks them (``protocol.quotes_test``,
+    ``protocol.qa_answer_projection``) has its own."""
     name = translator_name(cfg)
     if (split, direction) == ("test", "x-en") and quotes_test(cfg.protocol, cfg.task, method_for(cfg.method)):
+        name += "+quotes"
+    if direction == "en-x" and cfg.task.type == "qa" and cfg.protocol.qa_answer_projection == "quotes":
         name += "+quotes"
     return cache_file(Path(cfg.output_dir) / "translations", cfg.task.name, split, direction, cfg.lang.code, name)
 

@@ -101,7 +101,8 @@ class Setup:
         self.out = record.run_dir(cfg)
         self.stage1_path = record.stage1_dir(cfg)
         self.cache_dir = Path(cfg.output_dir) / "cache"
-        self.examples = Examples(cfg.task, cfg.data)
+        self.quotes = cfg.task.type == "qa" and cfg.protocol.qa_answer_projection == "quotes"
+        self.examples = Examples(cfg.task, cfg.data, strip_quotes=self.quotes)
         self.gold = cfg.mt.name == "gold"
         self.protocol = cfg.protocol
         self._stage1 = None  # a stage 1 trained by this run, kept in memory
@@ -158,7 +159,7 @@ class Setup:
     @cached_property
     def pairs(self) -> Pairs:
         return Pairs(self.examples, self.lang, self.translator,
-                     lambda split, direction: record.translation_cache(self.cfg, split, direction))
+                     lambda split, direction: record.translation_cache(self.cfg, split, direction), quotes=self.quotes)
 
     @property
     def english_gold(self) -> bool:

@@ -284,6 +284,26 @@ def project_qa(examples: list[dict], translator, src: str, tgt: str, path: Path,
     return kept, counts
 
 
+def project_qa_quotes(examples: list[dict], translator, src: str, tgt: str, path: Path, part: int = SYNC_EVERY,
+                      desc: str = "translate-train") -> tuple[list[dict], dict]:
+    """Translate QA examples with their answers as the official code does (``quote_mark``,
+    ``quote_locate``; the questions' quote marks stripped); drop an item whose translation kept
+    no mark or marks an empty answer (filter_qa_translations_multi). Returns the kept examples and
+    the counts."""
+    marked = [{"id": ex["id"], "context": quote_mark(ex), "question": ex["question"]} for ex in examples]
+    translated = translate_examples(marked, ["context", "question"], src, tgt, translator, path, part, desc)
+    kept, counts = [], {"kept": 0, "lost": 0, "empty": 0}
+    for ex, fields in zip(examples, translated):
+        found = quote_locate(fields["context"])
+        status = "lost" if found["answer_start"] == -1 else "empty" if not found["answer"] else "kept"
+        counts[status] += 1
+        if status == "kept":
+            kept.append({"id": ex["id"], "context": found["context"], "question": fields["question"].replace(QUOTE, ""),
+                         "answers": [{"text": found["answer"], "answer_start": found["answer_start"]}]})
+    counts["total"] = len(examples)
+    return kept, counts
+
+
 def translation_quality(hypotheses: list[str], references: list[str]) -> dict:
     """chrF and BLEU (sacrebleu) of MT output against human translations."""
     import sacrebleu

@@ -70,6 +70,24 @@ def test_the_protocol_is_part_of_a_runs_identity_and_of_its_stage1_key():
     assert record.stage1_key(sound) != record.stage1_key(flipped)
 
 
+def test_a_setting_added_later_keeps_the_identity_of_the_runs_recorded_before_it():
+    from omegaconf import open_dict
+
+    from flare_exp import record
+
+    now, before = make_cfg(["task=tydiqa", "lang=sw", "mt=fake"]), make_cfg(["task=tydiqa", "lang=sw", "mt=fake"])
+    with open_dict(before.protocol):
+        for key in protocol.ADDED:
+            del before.protocol[key]
+    assert record.run_dir(now) == record.run_dir(before) and record.stage1_key(now) == record.stage1_key(before)
+    flipped = make_cfg(["task=tydiqa", "lang=sw", "mt=fake", "protocol.qa_answer_projection=quotes"])
+    assert record.run_dir(flipped) != record.run_dir(now) and record.stage1_key(flipped) != record.stage1_key(now)
+    # the study records in git keep their run id
+    for path in sorted((protocol.ROOT / "studies").rglob("results.json"))[:3]:
+        result = json.loads(path.read_text())
+        assert record.config_hash(record.run_identity(OmegaConf.create(result["config"])), 8) == result["run_id"], path
+
+
 # -- schedule: transformers' Trainer as the official code runs it -------------------------------
 @pytest.mark.parametrize("examples,batch,epochs", [(1000, 32, 3), (3696, 32, 3), (100, 32, 10), (20, 32, 3)])
 def test_official_schedule_counts_steps_and_warm_up_as_the_official_code(examples, batch, epochs):
@@ -232,9 +250,7 @@ def test_official_tydiqa_encoder_runs_one_window_of_the_protocols_length(tmp_pat
 
     common = ["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
               *[o for o in small if not o.startswith(("task=", "mt="))],
-              "protocol.max_length=32", "protocol.qa_windows=one", "protocol.qa_encoder_score=token_index",
-              "protocol.qa_test_set=markers_kept", "protocol.qa_translate_test_gold=english_markers",
-              "protocol.truncation_side=left"]
+              "protocol=official", "protocol.input_format=pair", "protocol.max_length=32"]  # every built setting
     setup = Setup(make_cfg([*common, "method=flare"], tmp_path), access=False)
     assert isinstance(setup.batcher, OneWindowBatcher) and setup.batcher.token_index
     assert (setup.batcher.max_length, setup.batcher.truncation_side) == (32, "left")
@@ -327,6 +343,51 @@ def test_official_tydiqa_test_set_drops_what_lost_its_marks_and_translate_test_s
     caches = sorted(str(p.relative_to(tmp_path / "translations/tydiqa")) for p in (tmp_path / "translations").rglob("*.jsonl"))
     name = caches[0].rsplit("/", 1)[1]
     assert caches[0] == f"test/x-en-sw/{name}" and name.endswith("+quotes.jsonl") and len(caches) == 3
+
+
+def _squad(path, items):
+    data = [{"paragraphs": [{"context": c, "qas": [{"id": f"q{i}", "question": f'When "{i}"?',
+                                                   "answers": [{"text": a, "answer_start": c.index(a)}]}]}]}
+            for i, (c, a) in enumerate(items)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data": data}))
+
+
+def test_official_translate_train_marks_answers_and_strips_quote_marks_as_the_official_code(tmp_path):
+    from flare_exp.setup import Setup
+
+    items = [("Born in 1900 in Rio.", "1900"),
+             ('He said "hi" in 1901 there.', "1901"),    # quote marks before the answer
+             ('In 1902 he said "hi".', "1902"),          # after it: the marks land elsewhere
+             ("item 3 was built in 1903.", "1903")]      # its translation loses the marks
+    _squad(tmp_path / "data/tydiqa_goldp/train/tydiqa.goldp.en.train.json", items)
+    _squad(tmp_path / "data/tydiqa_goldp/dev/tydiqa.goldp.en.dev.json", items)
+    _squad(tmp_path / "data/tydiqa_goldp/dev/tydiqa.goldp.sw.dev.json", items)
+    common = ["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=fake", "mt.lose_markers_in=['item 3 ']",
+              f"data.dir={tmp_path / 'data'}"]
+    setup = Setup(make_cfg([*common, "method=lora", "protocol.qa_answer_projection=quotes"], tmp_path), access=False)
+    targets, english, info = setup.pairs.training()
+    assert info["answer_projection"] == {"kept": 3, "lost": 1, "empty": 0, "total": 4}
+    assert [t["answers"][0]["text"] for t in targets] == ["swh:1900", "swh:1901", "n swh:19"]  # by hand
+    assert targets[1]["context"] == "swh:He swh:said swh:hi swh:in swh:1901 swh:there."
+    assert targets[0]["question"] == "swh:When swh:0?"  # quote marks stripped from questions too
+    # the English (stage 1's, FLARE's source) without quote marks, the answer starts not moved
+    stage1 = setup.examples("en", "train")
+    assert stage1[1]["context"] == "He said hi in 1901 there." and stage1[1]["answers"] == [
+        {"text": "1901", "answer_start": 16}] and stage1[1]["context"][16:20] == "01 t"
+    assert [e["id"] for e in english] == ["q0", "q1", "q2"] and english[1] is stage1[1]
+    cache = record_cache(setup, "train", "en-x")
+    assert cache.name.endswith("+quotes.jsonl") and cache.is_file()
+    sound = Setup(make_cfg([*common, "method=lora"], tmp_path), access=False)
+    targets, _, info = sound.pairs.training()  # ours: guillemets where the context holds quote marks
+    assert [t["answers"][0]["text"] for t in targets] == ["swh:1900", "swh:1901", "swh:1902"]
+    assert sound.examples("en", "train")[1]["context"] == 'He said "hi" in 1901 there.'
+
+
+def record_cache(setup, split, direction):
+    from flare_exp import record
+
+    return record.translation_cache(setup.cfg, split, direction)
 
 
 def test_the_official_tydiqa_filter_needs_a_translation_even_for_zero_shot(tmp_path, qa_data):
