@@ -33,7 +33,11 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
          "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection"}
-BUILT_FOR = {"input_format": {"nusax"}}
+BUILT_FOR = {"input_format": {"nusax", "xnli"}}
+
+# An encoder's input of a task with more than one text field, as the official code writes it in
+# one segment (tasks/xnli.py, NLIDataset; TyDiQA's question and context stay a pair).
+OFFICIAL_SEGMENTS = {"xnli": "Premise: {premise} Hypothesis: {hypothesis}"}
 
 
 # Settings added after runs were recorded: in a run's identity (and its stage-1 key) only where
@@ -50,6 +54,16 @@ def identity(values: dict) -> dict:
 
 def built(key: str, task: DictConfig | None = None) -> bool:
     return key in BUILT or (task is not None and task.name in BUILT_FOR.get(key, ()))
+
+
+def official_segment(task: DictConfig, model: DictConfig) -> str | None:
+    """The one segment an encoder reads a classification task's fields in (``OFFICIAL_SEGMENTS``),
+    or None: one field, or QA's pair."""
+    if model.kind != "encoder" or task.type == "qa" or len(task.fields) == 1:
+        return None
+    if task.name not in OFFICIAL_SEGMENTS:
+        raise ValueError(f"The official input format of {task.name} is not built yet.")
+    return OFFICIAL_SEGMENTS[task.name]
 
 
 def official_separator(task: DictConfig, model: DictConfig) -> str:
@@ -105,7 +119,9 @@ APPLIES = {
     "stage1_compute_dtype": _4bit_decoder, "unquantised_dtype": _4bit_decoder,
     "kbit_gradient_checkpointing": _4bit_decoder, "checkpointed_fusion": _4bit_decoder,
     # one text field: the official formats differ only in how input fusion joins the two texts
-    "input_format": lambda task, model, method: len(task.fields) > 1 or method.test_input == "fused",
+    # an encoder's one segment (classification), input fusion, and what FLARE MT's MT encoder reads
+    "input_format": lambda task, model, method: (method.test_input == "fused" or method.needs_mt_encoder or (
+        len(task.fields) > 1 and model.kind == "encoder" and task.type != "qa")),
     "nusax_translate_test": lambda task, model, method: task.name == "nusax" and method.test_input == "english",
     "source_pass": lambda task, model, method: method.english_in_forward,
     "fusion_layer": lambda task, model, method: method.fusion in ("cross_attention", "matmul", "matmul_relu"),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import adapters, record
 from .access import preflight
 from .data.collate import Batcher
-from .data.formats import SEPARATOR
+from .data.formats import SEPARATOR, fuse_in_template
 from .data.qa import OneWindowBatcher, SpanBatcher
 from .errors import ConfigError
 from .settings import check_settings
@@ -26,7 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import official_separator, quotes_test, translations
+from .protocol import official_segment, official_separator, quotes_test, translations
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -237,8 +237,10 @@ class Setup:
                                         mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
             return SpanBatcher(self.tokenizer, max_length, stride=self.task.get("stride", 128),
                                mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
+        formatted = self.protocol.input_format == "concatenated"  # the official code's formats
         return Batcher(self.tokenizer, self.task, self.model_cfg.kind, max_length, mt_tokenizer=mt_tokenizer,
-                       mt_lang=mt_lang, truncation_side=side, official_cut=official)
+                       mt_lang=mt_lang, truncation_side=side, official_cut=official,
+                       segment=official_segment(self.task, self.model_cfg) if formatted else None, mt_prompt=formatted)
 
     @cached_property
     def batcher(self):
@@ -337,8 +339,13 @@ class Setup:
     def _inputs(self, targets, english):
         """(what the batcher encodes, the English the forward reads) of the method; input fusion
         joins the two texts as ``protocol.input_format`` says."""
+        fields = list(self.task.fields)
+        if (self.protocol.input_format == "concatenated" and self.method.test_input == "fused" and len(fields) == 2
+                and not self.batcher.qa):
+            template = official_segment(self.task, self.model_cfg) or self.task.prompt
+            return fuse_in_template(targets, english, template, *fields), None
         official = self.protocol.input_format == "concatenated" and self.method.test_input == "fused"
-        return self.method.inputs(targets, english, list(self.task.fields), self.batcher.qa,
+        return self.method.inputs(targets, english, fields, self.batcher.qa,
                                   separator=official_separator(self.task, self.model_cfg) if official else SEPARATOR)
 
     def predict(self, model, targets, english, desc: str) -> list[dict]:

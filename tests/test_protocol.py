@@ -493,10 +493,12 @@ def test_an_official_setting_not_built_yet_is_refused_only_where_it_can_change_t
 
     for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare"):  # MiniLM on NusaX: all built
         check("model=minilm", "task=nusax", "lang=jav", f"method={method}")
+    for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare", "flare_mt"):  # XNLI too
+        check("model=xlmr-large", "task=xnli", "lang=sw", f"method={method}")
+    for method in ("zero_shot", "translate_test", "lora", "flare"):  # XLM-R on TyDiQA: all built
+        check("model=xlmr-large", "task=tydiqa", "lang=sw", f"method={method}")
     with pytest.raises(ConfigError, match="protocol.input_format=concatenated .* not built yet"):
-        check("model=minilm", "task=xnli", "lang=sw", "method=lora")  # XNLI's one segment
-    for method in ("zero_shot", "translate_test", "lora", "flare"):  # XLM-R on TyDiQA: all built but the format
-        check("model=xlmr-large", "task=tydiqa", "lang=sw", f"method={method}", "protocol.input_format=pair")
+        check("model=xlmr-large", "task=tydiqa", "lang=sw", "method=input_fusion")  # TyDiQA's input fusion
     with pytest.raises(ConfigError, match="protocol.generation=model_config .* not built yet"):
         check("model=llama3.1-8b", "task=tydiqa", "lang=sw", "method=lora", "protocol.input_format=pair")
     with pytest.raises(ConfigError, match="not built yet"):  # without the method, nothing is taken as inert
@@ -517,3 +519,39 @@ def test_official_nusax_input_fusion_joins_the_two_texts_as_the_official_code(tm
     sound, _ = Setup(make_cfg([f"model={model}", "task=nusax", "lang=jav", "mt=gold", "method=input_fusion"],
                               tmp_path), access=False)._inputs(targets, english)
     assert sound[0]["text"] == "A good film. || Filmé apik."
+
+
+def test_official_xnli_formats_are_the_official_codes(tmp_path):
+    from flare_exp.setup import Setup
+
+    target = [{"id": "1", "premise": "Un homme dort.", "hypothesis": "Il dort.", "label": "entailment"}]
+    english = [{"id": "1", "premise": "A man sleeps.", "hypothesis": "He sleeps.", "label": "entailment"}]
+
+    def setup(model, method, *extra):
+        return Setup(make_cfg([f"model={model}", "task=xnli", "lang=sw", "mt=gold", f"method={method}",
+                               "protocol.input_format=concatenated", *extra], tmp_path), access=False)
+
+    # an encoder reads one segment (tasks/xnli.py, NLIDataset), in stage 1 too, not a tokenizer pair
+    lora = setup("minilm", "lora")
+    tok = lora.tokenizer
+    one = tok("Premise: Un homme dort. Hypothesis: Il dort.", truncation=True, max_length=128)["input_ids"]
+    assert lora.batcher(target)["input_ids"][0].tolist() == one
+    assert lora.stage1_batcher(target)["input_ids"][0].tolist() == one
+    sound = Setup(make_cfg(["model=minilm", "task=xnli", "lang=sw", "mt=gold", "method=lora"], tmp_path), access=False)
+    assert sound.batcher(target)["input_ids"][0].tolist() == tok("Un homme dort.", "Il dort.")["input_ids"]
+    # input fusion: the English first, a space, the target (NLIInputFusionDataset, CLM_NLIInputFusionDataset)
+    fused = setup("minilm", "input_fusion")
+    inputs, source = fused._inputs(target, english)
+    assert source is None and fused.batcher(inputs)["input_ids"][0].tolist() == tok(
+        "Premise: A man sleeps. Hypothesis: He sleeps. Premise: Un homme dort. Hypothesis: Il dort.",
+        truncation=True, max_length=256)["input_ids"]
+    decoder = setup("tiny-llama", "input_fusion")
+    inputs, _ = decoder._inputs(target, english)
+    assert decoder.task.prompt.format(premise=inputs[0]["premise"], hypothesis=inputs[0]["hypothesis"]) == (
+        "Premise: A man sleeps.\nHypothesis: He sleeps. Premise: Un homme dort.\nHypothesis: Il dort.\nLabel: ")
+    # FLARE MT's MT encoder reads the decoder's prompt (CLM_MTFusionNLIDataset), the encoder's segment
+    batcher = setup("tiny-llama", "flare_mt", "method.encoder=tiny").batcher
+    mt = batcher.mt_tokenizer
+    mt.src_lang = batcher.mt_lang
+    prompt = "Premise: Un homme dort.\nHypothesis: Il dort.\nLabel: "
+    assert batcher(target)["mt_input_ids"][0].tolist() == mt(prompt, truncation=True, max_length=128)["input_ids"]

@@ -23,13 +23,16 @@ class Batcher:
     """
 
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, mt_tokenizer=None,
-                 mt_lang: str | None = None, truncation_side: str = "right", official_cut: bool = False):
+                 mt_lang: str | None = None, truncation_side: str = "right", official_cut: bool = False,
+                 segment: str | None = None, mt_prompt: bool = False):
         if kind not in ("encoder", "decoder", "encoder_decoder"):
             raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
         if truncation_side not in ("right", "left"):
             raise ValueError(f"Unknown truncation side {truncation_side!r} (right or left).")
         self.truncation_side = truncation_side
         self.official_cut = official_cut and kind == "decoder"
+        self.segment = segment  # an encoder's fields in one segment (the official XNLI format), else a pair
+        self.mt_prompt = mt_prompt  # FLARE MT reads a generative model's prompt (the official code's)
         self.tokenizer = tokenizer
         self.fields = list(task_cfg.fields)
         self.qa = task_cfg.type == "qa"
@@ -42,7 +45,8 @@ class Batcher:
 
     # -- pieces ----------------------------------------------------------------------------
     def _encode_pairs(self, examples):
-        columns = [[ex[f] for ex in examples] for f in self.fields]
+        columns = ([[self.segment.format(**{f: ex[f] for f in self.fields}) for ex in examples]] if self.segment
+                   else [[ex[f] for ex in examples] for f in self.fields])
         tok = self.tokenizer
         side, tok.truncation_side = tok.truncation_side, self.truncation_side
         try:
@@ -115,7 +119,12 @@ class Batcher:
     def _mt_source(self, examples) -> dict:
         tok = self.mt_tokenizer
         tok.src_lang = self.mt_lang
-        texts = ["\n".join(ex[f] for f in self.fields) for ex in examples]
+        if self.mt_prompt and self.kind != "encoder":
+            texts = [self.prompt.format(**{f: ex[f] for f in self.fields}) for ex in examples]
+        elif self.segment:
+            texts = [self.segment.format(**{f: ex[f] for f in self.fields}) for ex in examples]
+        else:
+            texts = ["\n".join(ex[f] for f in self.fields) for ex in examples]
         encoded = tok(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         return {"mt_input_ids": encoded["input_ids"], "mt_attention_mask": encoded["attention_mask"]}
 

@@ -19,3 +19,14 @@ def concatenate_inputs(targets: list[dict], english: list[dict], fields: list[st
             example["answers"] = [{**a, "answer_start": a["answer_start"] + shift} for a in target["answers"]]
         fused.append(example)
     return fused
+
+
+def fuse_in_template(targets: list[dict], english: list[dict], template: str, first: str, second: str) -> list[dict]:
+    """Input fusion of a two-field task as the official code writes it: the English example in
+    ``template``, a space, then the target example in it ("Premise: en_p Hypothesis: en_h Premise:
+    tgt_p Hypothesis: tgt_h"), carried by the fields so that ``template`` renders exactly that:
+    ``first`` holds everything up to the target's ``second``."""
+    prefix, rest = template.split("{" + first + "}", 1)
+    between = rest.split("{" + second + "}", 1)[0]
+    return [{**target, first: source[first] + between + source[second] + " " + prefix + target[first]}
+            for target, source in zip(targets, english, strict=True)]
