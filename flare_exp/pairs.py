@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from .data import DataError, load_examples
 from .record import read_cache
 from .translate import (QUOTE, FakeTranslator, NLLBTranslator, nllb_code, project_qa, project_qa_quotes,
-                        quote_locate, quote_mark, translate_examples)
+                        translate_examples, translate_quoted)
 
 
 class Examples:
@@ -171,14 +171,11 @@ class Pairs:
         the translation is also the target side: translate-test) one whose marked answer is
         empty. Returns the two lists and the counts."""
         test = self.examples(self.lang.code, "test")
-        marked = [{"id": ex["id"], "context": quote_mark(ex), "question": ex["question"]}
-                  for ex in self.examples.raw(self.lang.code, "test")]  # marked as the data holds them
-        translated = translate_examples(marked, self.fields, nllb_code(self.lang), "eng_Latn", self.translator,
-                                        self.cache("test", "x-en"),
-                                        desc=f"translate-test {self.lang.code}->en (answers marked)")
+        translated = translate_quoted(self.examples.raw(self.lang.code, "test"), self.translator, nllb_code(self.lang),
+                                      "eng_Latn", self.cache("test", "x-en"),
+                                      desc=f"translate-test {self.lang.code}->en (answers marked)")
         targets, english, counts = [], [], {"total": len(test), "lost": 0, "empty": 0}
-        for ex, fields in zip(test, translated):
-            found = quote_locate(fields["context"])
+        for ex, (found, question) in zip(test, translated):
             lost, empty = found["answer_start"] == -1, not found["answer"]
             counts["lost"] += lost
             counts["empty"] += empty and not lost
@@ -186,8 +183,7 @@ class Pairs:
                 continue
             answers = [{"text": found["answer"], "answer_start": found["answer_start"]}] if english_gold else ex["answers"]
             targets.append(ex)
-            english.append({**ex, "context": found["context"], "question": fields["question"].replace(QUOTE, ""),
-                            "answers": answers})
+            english.append({**ex, "context": found["context"], "question": question, "answers": answers})
         counts["kept"] = len(targets)
         return targets, english, counts
 

@@ -88,6 +88,12 @@ def quotes_test(protocol: DictConfig, task: DictConfig, method) -> bool:
         protocol.qa_translate_test_gold == "english_markers" and method.test_input == "english"))
 
 
+def quotes_train(protocol: DictConfig, task: DictConfig) -> bool:
+    """Whether the run's QA data is read as the official code reads it (``qa_answer_projection:
+    quotes``): translate-train's answers marked by quote marks, every quote mark stripped."""
+    return task.type == "qa" and protocol.qa_answer_projection == "quotes"
+
+
 def translations(protocol: DictConfig, task: DictConfig, method) -> list[tuple[str, str]]:
     """The (split, direction) translations a run reads where the English is MT: the method's, and
     under ``qa_test_set: markers_kept`` the test set's into English, which the filter reads."""

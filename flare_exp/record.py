@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 from .methods import method_for
 from .protocol import identity as protocol_identity
-from .protocol import quotes_test
+from .protocol import quotes_test, quotes_train
 
 POINTER = "run.json"  # written into Hydra's job folder: where this job's results went
 ADAPTER = "adapter.safetensors"  # a run's trained stage 2, beside its results.json
@@ -155,11 +155,11 @@ def translation_cache(cfg: DictConfig, split: str, direction: str) -> Path:
     """The cache of ``split`` translated in ``direction`` (en-x: English into the run's language;
     x-en: the run's language into English) by the configured MT system; QA data translated with
     its answers marked as the official code marks them (``protocol.quotes_test``,
-    ``protocol.qa_answer_projection``) has its own."""
+    ``protocol.quotes_train``) has its own."""
     name = translator_name(cfg)
     if (split, direction) == ("test", "x-en") and quotes_test(cfg.protocol, cfg.task, method_for(cfg.method)):
         name += "+quotes"
-    if direction == "en-x" and cfg.task.type == "qa" and cfg.protocol.qa_answer_projection == "quotes":
+    if direction == "en-x" and quotes_train(cfg.protocol, cfg.task):
         name += "+quotes"
     return cache_file(Path(cfg.output_dir) / "translations", cfg.task.name, split, direction, cfg.lang.code, name)
 

@@ -26,7 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import official_segment, official_separator, quotes_test, translations
+from .protocol import official_segment, official_separator, quotes_test, quotes_train, translations
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -101,7 +101,7 @@ class Setup:
         self.out = record.run_dir(cfg)
         self.stage1_path = record.stage1_dir(cfg)
         self.cache_dir = Path(cfg.output_dir) / "cache"
-        self.quotes = cfg.task.type == "qa" and cfg.protocol.qa_answer_projection == "quotes"
+        self.quotes = quotes_train(cfg.protocol, cfg.task)
         self.examples = Examples(cfg.task, cfg.data, strip_quotes=self.quotes)
         self.gold = cfg.mt.name == "gold"
         self.protocol = cfg.protocol

@@ -284,21 +284,27 @@ def project_qa(examples: list[dict], translator, src: str, tgt: str, path: Path,
     return kept, counts
 
 
-def project_qa_quotes(examples: list[dict], translator, src: str, tgt: str, path: Path, part: int = SYNC_EVERY,
-                      desc: str = "translate-train") -> tuple[list[dict], dict]:
-    """Translate QA examples with their answers as the official code does (``quote_mark``,
-    ``quote_locate``; the questions' quote marks stripped); drop an item whose translation kept
-    no mark or marks an empty answer (filter_qa_translations_multi). Returns the kept examples and
-    the counts."""
+def translate_quoted(examples: list[dict], translator, src: str, tgt: str, path: Path, part: int = SYNC_EVERY,
+                     desc: str = "translate") -> list[tuple[dict, str]]:
+    """QA examples translated with their answers as the official code translates them
+    (run_translate.py): each context ``quote_mark``ed as the data holds it, the translation read
+    by ``quote_locate``; ``(found, question)`` per example, the question without quote marks."""
     marked = [{"id": ex["id"], "context": quote_mark(ex), "question": ex["question"]} for ex in examples]
     translated = translate_examples(marked, ["context", "question"], src, tgt, translator, path, part, desc)
+    return [(quote_locate(fields["context"]), fields["question"].replace(QUOTE, "")) for fields in translated]
+
+
+def project_qa_quotes(examples: list[dict], translator, src: str, tgt: str, path: Path, part: int = SYNC_EVERY,
+                      desc: str = "translate-train") -> tuple[list[dict], dict]:
+    """Translate QA examples with their answers as the official code does (``translate_quoted``);
+    drop an item whose translation kept no mark or marks an empty answer
+    (filter_qa_translations_multi). Returns the kept examples and the counts."""
     kept, counts = [], {"kept": 0, "lost": 0, "empty": 0}
-    for ex, fields in zip(examples, translated):
-        found = quote_locate(fields["context"])
+    for ex, (found, question) in zip(examples, translate_quoted(examples, translator, src, tgt, path, part, desc)):
         status = "lost" if found["answer_start"] == -1 else "empty" if not found["answer"] else "kept"
         counts[status] += 1
         if status == "kept":
-            kept.append({"id": ex["id"], "context": found["context"], "question": fields["question"].replace(QUOTE, ""),
+            kept.append({"id": ex["id"], "context": found["context"], "question": question,
                          "answers": [{"text": found["answer"], "answer_start": found["answer_start"]}]})
     counts["total"] = len(examples)
     return kept, counts
