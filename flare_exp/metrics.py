@@ -18,6 +18,49 @@ def parse_label(text: str, labels: list[str]) -> str | None:
     return by_name.get(words[0], INVALID)
 
 
+# -- the official code's scoring of generated text (tasks/*.py, compute_metrics_generate) ---------
+_ARTEFACT = re.compile(r"://.*")  # to the line's end: "." spans no newline
+
+
+def official_cut(text: str) -> str:
+    """A decoded text as the official code reads it: everything from "://" to the line's end
+    removed (its "generation artifacts in llama")."""
+    return _ARTEFACT.sub("", text)
+
+
+def official_same(prediction: str, gold: str) -> bool:
+    """The official exact match of two decoded texts (prompt and output against prompt and gold):
+    both cut (``official_cut``), then equal ignoring case and ASCII punctuation (the hub metric's
+    ignore_case and ignore_punctuation)."""
+    import string
+
+    table = str.maketrans("", "", string.punctuation)
+    return official_cut(prediction).lower().translate(table) == official_cut(gold).lower().translate(table)
+
+
+def last_word_label(text: str, labels: list[str]) -> str | None:
+    """The label the official NusaX scoring reads in a decoded prompt and output: its last word
+    after ``official_cut``, as written (no case or punctuation aside), or None."""
+    words = official_cut(text).split()
+    return words[-1] if words and words[-1] in labels else INVALID
+
+
+def forced_label(gold: str, labels: list[str]) -> str:
+    """The class the official NusaX scoring gives an output that names no label: the second where
+    the gold is the first (neutral for negative), else the first (negative): always wrong."""
+    return labels[1] if gold == labels[0] else labels[0]
+
+
+def official_qa_metrics(outputs: list[dict]) -> dict:
+    """The official exact match of a generative model's QA answers (tasks/tydiqa.py,
+    compute_metrics_generate): ``official_same`` of each output's decoded prompt and answer
+    (``full``) and its decoded prompt and gold answer (``gold_full``), in [0, 1]; it has no F1."""
+    if not outputs:
+        raise ValueError("No questions to score.")
+    hits = sum(official_same(o["full"], o["gold_full"]) for o in outputs)
+    return {"exact_match": hits / len(outputs), "n": len(outputs), "invalid": 0}
+
+
 def accuracy(gold: list[str], predicted: list[str | None]) -> float:
     if not gold:
         raise ValueError("No examples to score.")

@@ -32,12 +32,16 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 # official value is refused, naming the departure, in a run it applies to, until it is.
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
-         "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection"}
-BUILT_FOR = {"input_format": {"nusax", "xnli"}}
+         "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection", "generation"}
+BUILT_FOR = {"input_format": {"nusax", "xnli"}, "decoder_scoring": {"nusax", "xnli", "tydiqa"}}
 
 # An encoder's input of a task with more than one text field, as the official code writes it in
 # one segment (tasks/xnli.py, NLIDataset; TyDiQA's question and context stay a pair).
 OFFICIAL_SEGMENTS = {"xnli": "Premise: {premise} Hypothesis: {hypothesis}"}
+
+# How the official code scores a task's generated text (tasks/*.py, compute_metrics_generate):
+# the last word names the label (NusaX), or the whole text matches the label or answer (XNLI, TyDiQA).
+OFFICIAL_SCORING = {"nusax": "last_word", "xnli": "exact_match", "tydiqa": "exact_match"}
 
 
 # Settings added after runs were recorded: in a run's identity (and its stage-1 key) only where
@@ -64,6 +68,14 @@ def official_segment(task: DictConfig, model: DictConfig) -> str | None:
     if task.name not in OFFICIAL_SEGMENTS:
         raise ValueError(f"The official input format of {task.name} is not built yet.")
     return OFFICIAL_SEGMENTS[task.name]
+
+
+def official_scoring(protocol: DictConfig, task: DictConfig, model: DictConfig) -> str | None:
+    """How a generative model's output is scored under ``protocol.decoder_scoring: official``
+    (``OFFICIAL_SCORING``), or None: the sound scoring, or an encoder."""
+    if protocol.decoder_scoring != "official" or model.kind == "encoder":
+        return None
+    return OFFICIAL_SCORING[task.name]  # check() refuses another task's
 
 
 def official_separator(task: DictConfig, model: DictConfig) -> str:
@@ -203,6 +215,11 @@ def check(protocol: DictConfig, task: DictConfig | None = None, model: DictConfi
     missing = set(sound) - set(protocol)
     if missing:
         raise ConfigError(f"The protocol lacks {sorted(missing)}: select one with protocol=sound or protocol=official.")
+    if task is not None and model is not None and method is not None and applies("decoder_scoring", task, model, method) \
+            and protocol.decoder_scoring == "official" and task.type == "qa" and method.test_input == "english" \
+            and protocol.qa_translate_test_gold != "english_markers":
+        raise ConfigError("protocol.decoder_scoring=official scores translate-test's answer against the English gold: "
+                          "set protocol.qa_translate_test_gold=english_markers (or protocol.decoder_scoring=first_word).")
     if task is not None and model is not None and method is not None and applies("qa_encoder_score", task, model, method) \
             and protocol.qa_encoder_score == "token_index":
         if protocol.qa_windows != "one":

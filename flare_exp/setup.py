@@ -26,7 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import official_segment, official_separator, quotes_test, quotes_train, translations
+from .protocol import official_scoring, official_segment, official_separator, quotes_test, quotes_train, translations
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -240,7 +240,8 @@ class Setup:
         formatted = self.protocol.input_format == "concatenated"  # the official code's formats
         return Batcher(self.tokenizer, self.task, self.model_cfg.kind, max_length, mt_tokenizer=mt_tokenizer,
                        mt_lang=mt_lang, truncation_side=side, official_cut=official,
-                       segment=official_segment(self.task, self.model_cfg) if formatted else None, mt_prompt=formatted)
+                       segment=official_segment(self.task, self.model_cfg) if formatted else None, mt_prompt=formatted,
+                       scoring=official_scoring(self.protocol, self.task, self.model_cfg))
 
     @cached_property
     def batcher(self):
@@ -320,9 +321,8 @@ class Setup:
             return model, None
 
         def record_of() -> dict:
-            rows = predict(model, self.stage1_batcher, self.examples("en", "test"), None,
-                           self.cfg.train.eval_batch_size, self.device, self.max_new_tokens,
-                           desc="stage 1 English test", precision=settings.get("autocast"))
+            rows = self._predict(model, self.stage1_batcher, self.examples("en", "test"), None,
+                                 "stage 1 English test", settings.get("autocast"))
             return {"train": stats, "english_test": score(rows, self.stage1_batcher),
                     "key": record.stage1_key(self.cfg)}
 
@@ -352,9 +352,13 @@ class Setup:
         inputs, english = self._inputs(targets, english)
         if self.method.test_input == "english" and self.tests_target_text:
             inputs = targets
-        return predict(model, self.batcher, inputs, english, self.cfg.train.eval_batch_size, self.device,
-                       self.max_new_tokens, desc=f"{desc} {self.method.label} {self.lang.code}",
-                       precision=self.cfg.train.get("autocast"))
+        return self._predict(model, self.batcher, inputs, english, f"{desc} {self.method.label} {self.lang.code}",
+                             self.cfg.train.get("autocast"))
+
+    def _predict(self, model, batcher, examples, english, desc: str, precision: str | None) -> list[dict]:
+        """``flare_exp.evaluate.predict`` with this run's batch size, device and generation."""
+        return predict(model, batcher, examples, english, self.cfg.train.eval_batch_size, self.device,
+                       self.max_new_tokens, desc=desc, precision=precision, generation=self.protocol.generation)
 
     def validation(self, model) -> Validation | None:
         """Model selection on the target validation data (human under ``mt=gold``, else translated
@@ -374,8 +378,7 @@ class Setup:
             return None
 
         def validate() -> float:
-            rows = predict(model, batcher, examples, english, self.cfg.train.eval_batch_size, self.device,
-                           self.max_new_tokens, desc=desc, precision=settings.get("autocast"))
+            rows = self._predict(model, batcher, examples, english, desc, settings.get("autocast"))
             return score(rows, batcher)[self.task.metric]
 
         return Validation(validate, settings.get("eval_every"), select or settings.get("select", "best"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 
 import pytest
 import torch
@@ -400,6 +401,175 @@ def test_the_official_tydiqa_filter_needs_a_translation_even_for_zero_shot(tmp_p
                     f"data.dir={qa_data}"], tmp_path), access=False)  # the full test set needs none
 
 
+# -- a decoder's generation and its scoring, as the official code's ----------------------------
+class _GenerationStub(torch.nn.Module):
+    """A decoder whose generation continues each prompt with the given tokens, then EOS and
+    padding, as generate returns it (the left-padded prompt first); it keeps the arguments."""
+
+    def __init__(self, continuations, eos, pad):
+        super().__init__()
+        self.continuations, self.eos, self.pad, self.kwargs = continuations, eos, pad, []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.kwargs.append(kwargs)
+        rows = [c + [self.eos] for c in self.continuations[: len(input_ids)]]
+        self.continuations = self.continuations[len(input_ids):]
+        width = max(len(r) for r in rows)
+        new = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _official_decoded(tok, batch, generated, answers):
+    """compute_metrics_generate's two decoded texts per row, read independently from tasks/*.py:
+    the generated arrays (-100 -> pad), against labels = prompt + answer + EOS left-padded with
+    -100, both batch-decoded without special tokens and cut at "://"."""
+    import re
+
+    import numpy as np
+
+    labels = []
+    for ids, mask, answer in zip(batch["input_ids"], batch["attention_mask"], answers):
+        labels.append(ids[mask == 1].tolist() + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    width = max(len(l) for l in labels)
+    labels = np.array([[-100] * (width - len(l)) + l for l in labels])
+    preds, labels = np.where(generated != -100, generated, tok.pad_token_id), np.where(labels != -100, labels, tok.pad_token_id)
+    cut = lambda texts: [re.sub(r"://.*", "", t) for t in texts]  # noqa: E731
+    return cut(tok.batch_decode(preds, skip_special_tokens=True)), cut(tok.batch_decode(labels, skip_special_tokens=True))
+
+
+def _decoder_tokenizer():
+    tok = _tokenizer()
+    tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token  # a decoder's BOS and EOS
+    return tok
+
+
+def _scored(tok, task, examples, continuations, generation="greedy"):
+    from flare_exp.data.collate import Batcher
+    from flare_exp.evaluate import predict, score
+
+    scoring = protocol.OFFICIAL_SCORING[task.name]
+    batcher = Batcher(tok, task, "decoder", 48, truncation_side="left", official_cut=True, scoring=scoring)
+    words = [tok(c, add_special_tokens=False)["input_ids"] if c else [] for c in continuations]
+    stub = _GenerationStub(list(words), tok.eos_token_id, tok.pad_token_id)
+    rows = predict(stub, batcher, examples, None, len(examples), "cpu", 5, desc="stub", group_by_length=False,
+                   generation=generation)
+    batch = batcher(examples, train=False)  # the reference, from the same prompts and continuations
+    generated = _GenerationStub(list(words), tok.eos_token_id, tok.pad_token_id).generate(**batch).numpy()
+    return rows, score(rows, batcher), batch, generated, stub
+
+
+def test_official_nusax_decoder_scoring_reads_the_last_word_and_forces_a_wrong_class(make_cfg):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    tok, task = _decoder_tokenizer(), make_cfg(["task=nusax"]).task
+    golds = ["positive", "positive", "negative", "negative", "positive", "neutral"]
+    examples = [{"id": str(i), "text": f"film number {i} was seen", "label": g} for i, g in enumerate(golds)]
+    continuations = ["positive", "negative", "i think negative", "positive.", "", "neutral"]
+    rows, metrics, batch, generated, _ = _scored(tok, task, examples, continuations)
+    preds, labels = _official_decoded(tok, batch, generated, golds)
+    verbalizer = {"negative": 0, "neutral": 1, "positive": 2}
+    expected = [verbalizer.get(p.split()[-1], -1) for p in preds]
+    gold = [verbalizer.get(l.split()[-1], -1) for l in labels]
+    expected = [p if p != -1 else (1 if g == 0 else 0) for p, g in zip(expected, gold)]
+    assert gold == [verbalizer[g] for g in golds] and expected == [2, 0, 0, 1, 0, 1]  # 4 and 5 forced wrong
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, expected))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(gold, expected, average="macro"))
+    assert metrics["invalid"] == 2 and [r["prediction"] for r in rows][3:5] == [None, None]
+    # the sound scoring reads the first word instead: row 3 is then invalid, row 4 positive
+    from flare_exp.data.collate import Batcher
+    from flare_exp.evaluate import predict
+
+    sound = Batcher(tok, task, "decoder", 48, truncation_side="left", official_cut=True)
+    stub = _GenerationStub([tok(c, add_special_tokens=False)["input_ids"] if c else [] for c in continuations],
+                           tok.eos_token_id, tok.pad_token_id)
+    first = [r["prediction"] for r in predict(stub, sound, examples, None, 6, "cpu", 5, desc="stub",
+                                              group_by_length=False)]
+    assert first[2:4] == [None, "positive"]
+    # "://" and the rest of its line go (MiniLM's tokenizer decodes no "://": the texts themselves)
+    from flare_exp.metrics import last_word_label, official_same
+
+    labels = list(task.labels)
+    assert last_word_label("a film\nSentiment: positive ://t.co/x", labels) == "positive"
+    assert last_word_label("a film\nSentiment: Positive", labels) is None  # as written: no case aside
+    assert official_same("Label: Entailment://x\n", "label: entailment\n")
+    assert not official_same("Label: entailment ://x", "Label: entailment")  # the space before stays
+    assert not official_same("Label: entailment ://x\nmore", "Label: entailment\n")
+
+
+def test_official_xnli_and_tydiqa_decoder_scoring_is_exact_match_of_the_decoded_texts(make_cfg):
+    tok = _decoder_tokenizer()
+    task = make_cfg(["task=xnli"]).task
+    golds = ["entailment", "entailment", "entailment", "contradiction"]
+    examples = [{"id": str(i), "premise": f"a man sleeps {i}", "hypothesis": "he rests", "label": g}
+                for i, g in enumerate(golds)]
+    continuations = ["entailment", "Entailment!", "entailment because", "neutral"]
+    rows, metrics, batch, generated, _ = _scored(tok, task, examples, continuations)
+    preds, labels = _official_decoded(tok, batch, generated, golds)
+    table = str.maketrans("", "", string.punctuation)  # the hub metric's ignore_case, ignore_punctuation
+    hits = [p.lower().translate(table) == l.lower().translate(table) for p, l in zip(preds, labels)]
+    assert hits == [True, True, False, False]
+    assert metrics["accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert [r["prediction"] for r in rows] == ["entailment", "entailment", None, "neutral"]
+
+    task = make_cfg(["task=tydiqa"]).task
+    context = "The storm came in 1999 to Rio."
+    answers = ["1999", "1999", "1999", "rio"]
+    examples = [{"id": str(i), "question": "When?", "context": context,
+                 "answers": [{"text": a, "answer_start": context.lower().index(a)}, {"text": "in 1999", "answer_start": 16}]}
+                for i, a in enumerate(answers)]
+    continuations = ["1999", "1999.", "in 1999", "Rio"]  # the second gold answer is not read
+    rows, metrics, batch, generated, _ = _scored(tok, task, examples, continuations)
+    preds, labels = _official_decoded(tok, batch, generated, answers)
+    hits = [p.lower().translate(table) == l.lower().translate(table) for p, l in zip(preds, labels)]
+    assert hits == [True, True, False, True]
+    assert metrics == {"exact_match": pytest.approx(0.75), "n": 4, "invalid": 0}
+
+
+def test_official_generation_follows_the_models_generation_config(tmp_path, make_cfg):
+    from flare_exp.evaluate import predict
+    from flare_exp.setup import Setup
+
+    tok, task = _decoder_tokenizer(), make_cfg(["task=nusax"]).task
+    examples = [{"id": "1", "text": "a film", "label": "positive"}]
+    for generation, sampled in (("greedy", False), ("model_config", None)):  # None: not set, the config's
+        stub = _scored(tok, task, examples, ["positive"], generation)[-1]
+        assert stub.kwargs[0].get("do_sample") is sampled and stub.kwargs[0]["max_new_tokens"] == 5
+    # a real decoder whose generation config samples: model_config samples, greedy does not
+    setup = Setup(demo_cfg("tiny-llama", "lora", tmp_path, ["protocol.generation=model_config"]))
+    model = setup.base_model()
+    model.generation_config.do_sample, model.generation_config.top_k = True, 0
+    test = setup.examples("dmb", "test")[:8]
+
+    def outputs(generation, seed):
+        torch.manual_seed(seed)
+        return [r["output"] for r in predict(model, setup.batcher, test, None, 8, "cpu", 6, desc="gen",
+                                             generation=generation)]
+
+    assert outputs("model_config", 0) == outputs("model_config", 0) != outputs("model_config", 1)
+    assert outputs("greedy", 0) == outputs("greedy", 1)
+    seen = []
+    setup._predict(_Recorder(seen), setup.batcher, test[:1], None, "recorded", None)  # the run's setting reaches it
+    assert seen and "do_sample" not in seen[0]
+    # both stages score the official way; a task the official code lacks is refused
+    nusax = Setup(make_cfg(["model=tiny-llama", "task=nusax", "lang=jav", "mt=gold", "method=lora",
+                            "protocol.decoder_scoring=official"], tmp_path), access=False)
+    assert nusax.batcher.scoring == nusax.stage1_batcher.scoring == "last_word"
+    with pytest.raises(ConfigError, match="protocol.decoder_scoring=official .* not built yet"):
+        Setup(demo_cfg("tiny-llama", "lora", tmp_path, ["protocol.decoder_scoring=official"]))
+
+
+class _Recorder(torch.nn.Module):
+    """A decoder that generates EOS at once and keeps generate's arguments."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.seen.append(kwargs)
+        return torch.cat([input_ids, torch.zeros_like(input_ids[:, :1])], dim=1)
+
+
 # -- budgets, precision, checkpointing ----------------------------------------------------------
 def test_official_generation_budget_and_4bit_settings_reach_the_run(tmp_path):
     from flare_exp.setup import Setup
@@ -499,7 +669,7 @@ def test_an_official_setting_not_built_yet_is_refused_only_where_it_can_change_t
         check("model=xlmr-large", "task=tydiqa", "lang=sw", f"method={method}")
     with pytest.raises(ConfigError, match="protocol.input_format=concatenated .* not built yet"):
         check("model=xlmr-large", "task=tydiqa", "lang=sw", "method=input_fusion")  # TyDiQA's input fusion
-    with pytest.raises(ConfigError, match="protocol.generation=model_config .* not built yet"):
+    with pytest.raises(ConfigError, match="protocol.decoder_lm_head=trained .* not built yet"):
         check("model=llama3.1-8b", "task=tydiqa", "lang=sw", "method=lora", "protocol.input_format=pair")
     with pytest.raises(ConfigError, match="not built yet"):  # without the method, nothing is taken as inert
         check_settings(make_cfg(["protocol=official", "model=minilm", "task=nusax", "lang=jav", "method=lora"]))

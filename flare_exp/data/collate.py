@@ -24,7 +24,7 @@ class Batcher:
 
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, mt_tokenizer=None,
                  mt_lang: str | None = None, truncation_side: str = "right", official_cut: bool = False,
-                 segment: str | None = None, mt_prompt: bool = False):
+                 segment: str | None = None, mt_prompt: bool = False, scoring: str | None = None):
         if kind not in ("encoder", "decoder", "encoder_decoder"):
             raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
         if truncation_side not in ("right", "left"):
@@ -33,6 +33,9 @@ class Batcher:
         self.official_cut = official_cut and kind == "decoder"
         self.segment = segment  # an encoder's fields in one segment (the official XNLI format), else a pair
         self.mt_prompt = mt_prompt  # FLARE MT reads a generative model's prompt (the official code's)
+        # how generated text is scored: None (the first word naming a label, the first line of an
+        # answer) or the official rule (``last_word``, ``exact_match``: flare_exp.evaluate)
+        self.scoring = scoring if kind != "encoder" else None
         self.tokenizer = tokenizer
         self.fields = list(task_cfg.fields)
         self.qa = task_cfg.type == "qa"
