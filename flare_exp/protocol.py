@@ -32,7 +32,8 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 # official value is refused, naming the departure, in a run it applies to, until it is.
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
-         "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection", "generation"}
+         "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection", "generation",
+         "gemma_eos"}
 BUILT_FOR = {"input_format": {"nusax", "xnli"}, "decoder_scoring": {"nusax", "xnli", "tydiqa"}}
 
 # An encoder's input of a task with more than one text field, as the official code writes it in
@@ -58,6 +59,15 @@ def identity(values: dict) -> dict:
 
 def built(key: str, task: DictConfig | None = None) -> bool:
     return key in BUILT or (task is not None and task.name in BUILT_FOR.get(key, ()))
+
+
+def family(model: DictConfig) -> str | None:
+    """The official code's name for a decoder's family (its run.py branches on ``gemma`` and
+    ``llama`` in the model's name), read from the model config's name and path, or None."""
+    if model.kind != "decoder":
+        return None
+    text = f"{model.name} {model.get('path') or ''}".lower()
+    return next((name for name in ("gemma", "llama") if name in text), None)
 
 
 def official_segment(task: DictConfig, model: DictConfig) -> str | None:
@@ -133,7 +143,7 @@ APPLIES = {
     "max_new_tokens": _generative, "generation": _generative, "decoder_scoring": _generative,
     "decoder_lm_head": lambda task, model, method: model.kind == "decoder",
     "llama_pad_token": lambda task, model, method: model.kind == "decoder",
-    "gemma_eos": lambda task, model, method: model.kind == "decoder",
+    "gemma_eos": lambda task, model, method: family(model) == "gemma",
     "stage1_compute_dtype": _4bit_decoder, "unquantised_dtype": _4bit_decoder,
     "kbit_gradient_checkpointing": _4bit_decoder, "checkpointed_fusion": _4bit_decoder,
     # one text field: the official formats differ only in how input fusion joins the two texts

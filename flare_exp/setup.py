@@ -26,7 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import official_scoring, official_segment, official_separator, quotes_test, quotes_train, translations
+from .protocol import family, official_scoring, official_segment, official_separator, quotes_test, quotes_train, translations
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -241,7 +241,8 @@ class Setup:
         return Batcher(self.tokenizer, self.task, self.model_cfg.kind, max_length, mt_tokenizer=mt_tokenizer,
                        mt_lang=mt_lang, truncation_side=side, official_cut=official,
                        segment=official_segment(self.task, self.model_cfg) if formatted else None, mt_prompt=formatted,
-                       scoring=official_scoring(self.protocol, self.task, self.model_cfg))
+                       scoring=official_scoring(self.protocol, self.task, self.model_cfg),
+                       prompt_eos=not plain and self.protocol.gemma_eos and family(self.model_cfg) == "gemma")
 
     @cached_property
     def batcher(self):

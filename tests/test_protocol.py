@@ -570,6 +570,38 @@ class _Recorder(torch.nn.Module):
         return torch.cat([input_ids, torch.zeros_like(input_ids[:, :1])], dim=1)
 
 
+def test_official_gemma_prompt_ends_in_eos_in_stage2_as_its_tokenizer_with_add_eos_token(make_cfg, tmp_path):
+    from flare_exp.data.collate import Batcher
+    from flare_exp.setup import Setup
+
+    tok, task = _decoder_tokenizer(), make_cfg(["task=nusax"]).task  # [CLS] text [SEP]: BOS text EOS
+    long = {"text": " ".join(f"word{i}" for i in range(60)), "label": "positive"}
+    short = {"text": "good film", "label": "positive"}
+    answer = tok("positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    reference = type(tok).from_pretrained(tok.name_or_path, truncation_side="left")
+    batcher = Batcher(tok, task, "decoder", 24, truncation_side="left", official_cut=True, prompt_eos=True)
+    for example in (long, short):
+        # tokenizer(text, max_length=24, truncation=True) with add_eos_token: BOS, 22 tokens, EOS; then
+        # the tail cut by the answer's length where both exceed 24
+        expected = reference(task.prompt.format(text=example["text"]), truncation=True, max_length=24)["input_ids"]
+        expected = expected[: 24 - len(answer)] if len(expected) + len(answer) > 24 else expected
+        train = batcher([example], train=True)
+        assert train["input_ids"][0][train["attention_mask"][0] == 1].tolist() == expected + answer
+        test = batcher([example], train=False)
+        assert test["input_ids"][0][test["attention_mask"][0] == 1].tolist() == expected
+    assert expected[-1] == tok.eos_token_id  # the short prompt keeps its EOS: <bos> prompt <eos> answer <eos>
+    english = batcher([short], [long], train=True)  # FLARE's English prompt ends in EOS too (cut by the target's answer)
+    assert english["source_input_ids"][0][english["source_attention_mask"][0] == 1].tolist()[-1] != tok.eos_token_id
+    sound = Batcher(tok, task, "decoder", 24, truncation_side="left", official_cut=True)([short], train=False)
+    assert sound["input_ids"][0][sound["attention_mask"][0] == 1].tolist() == expected[:-1]
+    # stage 2 of a Gemma only (run.py; run_task_ft.py leaves the tokenizer as it is)
+    common = ["task=demo", "lang=dmb", "mt=gold", "method=flare", "protocol.gemma_eos=true"]
+    gemma = Setup(make_cfg(["model=tiny-llama", "model.name=tiny-gemma", *common], tmp_path))
+    assert gemma.batcher.prompt_eos and not gemma.stage1_batcher.prompt_eos
+    assert not Setup(make_cfg(["model=tiny-llama", *common], tmp_path)).batcher.prompt_eos
+    assert not protocol.applies("gemma_eos", gemma.task, make_cfg(["model=tiny-llama"]).model, gemma.method)
+
+
 # -- budgets, precision, checkpointing ----------------------------------------------------------
 def test_official_generation_budget_and_4bit_settings_reach_the_run(tmp_path):
     from flare_exp.setup import Setup

@@ -24,7 +24,8 @@ class Batcher:
 
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, mt_tokenizer=None,
                  mt_lang: str | None = None, truncation_side: str = "right", official_cut: bool = False,
-                 segment: str | None = None, mt_prompt: bool = False, scoring: str | None = None):
+                 segment: str | None = None, mt_prompt: bool = False, scoring: str | None = None,
+                 prompt_eos: bool = False):
         if kind not in ("encoder", "decoder", "encoder_decoder"):
             raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
         if truncation_side not in ("right", "left"):
@@ -36,6 +37,7 @@ class Batcher:
         # how generated text is scored: None (the first word naming a label, the first line of an
         # answer) or the official rule (``last_word``, ``exact_match``: flare_exp.evaluate)
         self.scoring = scoring if kind != "encoder" else None
+        self.prompt_eos = prompt_eos and kind == "decoder"  # a decoder's prompt ends in EOS (Gemma 2's, official)
         self.tokenizer = tokenizer
         self.fields = list(task_cfg.fields)
         self.qa = task_cfg.type == "qa"
@@ -58,12 +60,12 @@ class Batcher:
             tok.truncation_side = side
 
     def _prompt_ids(self, example, budget: int) -> list[int]:
-        """BOS + the formatted prompt (+ EOS for an encoder); a prompt over ``budget`` tokens
+        """BOS + the formatted prompt (+ EOS for an encoder-decoder, or ``prompt_eos``); a prompt over ``budget`` tokens
         loses the end of its first field (the text, or the QA context), never the question or
         the "Label: " cue; under left truncation (``truncation_side``) its beginning instead."""
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None and self.kind == "decoder" else []
-        eos = [tok.eos_token_id] if self.kind == "encoder_decoder" else []
+        eos = [tok.eos_token_id] if self.kind == "encoder_decoder" or self.prompt_eos else []
         budget -= len(bos) + len(eos)
         values = {f: example[f] for f in self.fields}
         ids = tok(self.prompt.format(**values), add_special_tokens=False)["input_ids"]
@@ -80,15 +82,16 @@ class Batcher:
 
     def _official_prompt_ids(self, example, answer: list[int]) -> list[int]:
         """A decoder's prompt cut as the official code cuts it (tasks/*.py, the CLM datasets, train
-        and test alike): BOS and the prompt in ``max_length`` tokens (the prompt's end kept under
-        left truncation, its beginning under right), then, where it and ``answer`` (the gold
-        answer's tokens and EOS) exceed ``max_length``, the prompt's tail cut by the answer's
-        length."""
+        and test alike): BOS, the prompt and (``prompt_eos``) EOS in ``max_length`` tokens (the
+        prompt's end kept under left truncation, its beginning under right), then, where it and
+        ``answer`` (the gold answer's tokens and EOS) exceed ``max_length``, the tail cut by the
+        answer's length (the prompt's EOS first)."""
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        eos = [tok.eos_token_id] if self.prompt_eos else []
         ids = tok(self.prompt.format(**{f: example[f] for f in self.fields}), add_special_tokens=False)["input_ids"]
-        room = max(self.max_length - len(bos), 0)
-        ids = bos + (ids[max(len(ids) - room, 0):] if self.truncation_side == "left" else ids[:room])
+        room = max(self.max_length - len(bos) - len(eos), 0)
+        ids = bos + (ids[max(len(ids) - room, 0):] if self.truncation_side == "left" else ids[:room]) + eos
         return ids[: self.max_length - len(answer)] if len(ids) + len(answer) > self.max_length else ids
 
     def answer_text(self, example) -> str:
