@@ -33,12 +33,17 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
          "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection", "generation",
-         "gemma_eos"}
-BUILT_FOR = {"input_format": {"nusax", "xnli"}, "decoder_scoring": {"nusax", "xnli", "tydiqa"}}
+         "gemma_eos", "input_format"}
+BUILT_FOR = {"decoder_scoring": {"nusax", "xnli", "tydiqa"}}
 
 # An encoder's input of a task with more than one text field, as the official code writes it in
 # one segment (tasks/xnli.py, NLIDataset; TyDiQA's question and context stay a pair).
 OFFICIAL_SEGMENTS = {"xnli": "Premise: {premise} Hypothesis: {hypothesis}"}
+
+# A decoder's input-fusion prompt of a QA task as the official code writes it (tasks/tydiqa.py,
+# CLM_QAInputFusionDataset: no newline before "Answer: "), the English fields as en_<field>.
+OFFICIAL_QA_FUSED_PROMPTS = {"tydiqa": "Context: {en_context}\nQuestion: {en_question}\n\nContext: {context}\n"
+                                       "Question: {question}Answer: "}
 
 # How the official code scores a task's generated text (tasks/*.py, compute_metrics_generate):
 # the last word names the label (NusaX), or the whole text matches the label or answer (XNLI, TyDiQA).
@@ -225,6 +230,11 @@ def check(protocol: DictConfig, task: DictConfig | None = None, model: DictConfi
     missing = set(sound) - set(protocol)
     if missing:
         raise ConfigError(f"The protocol lacks {sorted(missing)}: select one with protocol=sound or protocol=official.")
+    if task is not None and model is not None and method is not None and applies("input_format", task, model, method) \
+            and protocol.input_format == "concatenated" and task.type == "qa" and model.kind == "encoder" \
+            and protocol.qa_windows != "one":
+        raise ConfigError("protocol.input_format=concatenated reads a QA encoder's input in the official code's one "
+                          "window: set protocol.qa_windows=one (or protocol.input_format=pair).")
     if task is not None and model is not None and method is not None and applies("decoder_scoring", task, model, method) \
             and protocol.decoder_scoring == "official" and task.type == "qa" and method.test_input == "english" \
             and protocol.qa_translate_test_gold != "english_markers":

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import adapters, record
 from .access import preflight
 from .data.collate import Batcher
-from .data.formats import SEPARATOR, fuse_in_template
+from .data.formats import SEPARATOR, fuse_in_template, with_english
 from .data.qa import OneWindowBatcher, SpanBatcher
 from .errors import ConfigError
 from .settings import check_settings
@@ -26,7 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import family, official_scoring, official_segment, official_separator, quotes_test, quotes_train, translations
+from .protocol import OFFICIAL_QA_FUSED_PROMPTS, family, official_scoring, official_segment, official_separator, quotes_test, quotes_train, translations
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -230,19 +230,22 @@ class Setup:
         mt_lang = nllb_code(self.lang) if mt_tokenizer is not None else None
         official = self.protocol.truncation_side == "left"  # the official code's cuts, right in stage 1
         side = "right" if plain else self.protocol.truncation_side
+        formatted = self.protocol.input_format == "concatenated"  # the official code's formats
+        fused = formatted and not plain and self.method.test_input == "fused"
         if self.task.type == "qa" and self.model_cfg.kind == "encoder":
             if self.protocol.qa_windows == "one":
                 return OneWindowBatcher(self.tokenizer, max_length, side,
                                         token_index=self.protocol.qa_encoder_score == "token_index",
-                                        mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
+                                        mt_tokenizer=mt_tokenizer, mt_lang=mt_lang, fuse=fused,
+                                        mt_joiner="" if formatted else "\n")
             return SpanBatcher(self.tokenizer, max_length, stride=self.task.get("stride", 128),
                                mt_tokenizer=mt_tokenizer, mt_lang=mt_lang)
-        formatted = self.protocol.input_format == "concatenated"  # the official code's formats
         return Batcher(self.tokenizer, self.task, self.model_cfg.kind, max_length, mt_tokenizer=mt_tokenizer,
                        mt_lang=mt_lang, truncation_side=side, official_cut=official,
                        segment=official_segment(self.task, self.model_cfg) if formatted else None, mt_prompt=formatted,
                        scoring=official_scoring(self.protocol, self.task, self.model_cfg),
-                       prompt_eos=not plain and self.protocol.gemma_eos and family(self.model_cfg) == "gemma")
+                       prompt_eos=not plain and self.protocol.gemma_eos and family(self.model_cfg) == "gemma",
+                       prompt=OFFICIAL_QA_FUSED_PROMPTS[self.task.name] if fused and self.task.type == "qa" else None)
 
     @cached_property
     def batcher(self):
@@ -341,11 +344,12 @@ class Setup:
         """(what the batcher encodes, the English the forward reads) of the method; input fusion
         joins the two texts as ``protocol.input_format`` says."""
         fields = list(self.task.fields)
-        if (self.protocol.input_format == "concatenated" and self.method.test_input == "fused" and len(fields) == 2
-                and not self.batcher.qa):
+        official = self.protocol.input_format == "concatenated" and self.method.test_input == "fused"
+        if official and self.batcher.qa:  # an encoder's one window fuses the two itself, a decoder's prompt names both
+            return (targets, english) if self.model_cfg.kind == "encoder" else (with_english(targets, english, fields), None)
+        if official and len(fields) == 2:
             template = official_segment(self.task, self.model_cfg) or self.task.prompt
             return fuse_in_template(targets, english, template, *fields), None
-        official = self.protocol.input_format == "concatenated" and self.method.test_input == "fused"
         return self.method.inputs(targets, english, fields, self.batcher.qa,
                                   separator=official_separator(self.task, self.model_cfg) if official else SEPARATOR)
 

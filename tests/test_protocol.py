@@ -251,12 +251,12 @@ def test_official_tydiqa_encoder_runs_one_window_of_the_protocols_length(tmp_pat
 
     common = ["model=tiny-bert", "task=tydiqa", "lang=sw", "mt=fake", f"data.dir={qa_data}",
               *[o for o in small if not o.startswith(("task=", "mt="))],
-              "protocol=official", "protocol.input_format=pair", "protocol.max_length=32"]  # every built setting
+              "protocol=official", "protocol.max_length=32"]  # every built setting
     setup = Setup(make_cfg([*common, "method=flare"], tmp_path), access=False)
     assert isinstance(setup.batcher, OneWindowBatcher) and setup.batcher.token_index
     assert (setup.batcher.max_length, setup.batcher.truncation_side) == (32, "left")
     assert setup.stage1_batcher.truncation_side == "right"  # run_task_ft.py: the tokenizer's right
-    for method in ("zero_shot", "translate_test", "flare"):
+    for method in ("zero_shot", "translate_test", "flare", "input_fusion"):
         metrics = run(make_cfg([*common, f"method={method}"], tmp_path))["metrics"]
         assert metrics.keys() == {"exact_match", "n", "invalid"} and metrics["n"] == 12 and 0 <= metrics["exact_match"] <= 1
     with pytest.raises(ConfigError, match="token_index scores the token indices of one window"):
@@ -264,6 +264,52 @@ def test_official_tydiqa_encoder_runs_one_window_of_the_protocols_length(tmp_pat
     with pytest.raises(ConfigError, match="token_index scores translate-test's answer in the English context"):
         Setup(make_cfg([*common, "method=translate_test", "protocol.qa_translate_test_gold=back_translated"],
                        tmp_path), access=False)
+
+
+def test_official_tydiqa_input_fusion_and_flare_mt_text_as_the_official_datasets(tmp_path, make_cfg):
+    from flare_exp.data.qa import OneWindowBatcher
+    from flare_exp.evaluate import predict, score
+    from flare_exp.setup import Setup
+
+    tok = _tokenizer()
+    context = "In 1999 a storm came. He was born in 1999 in Rio."
+    target = {"id": "q", "question": "When was he born?", "context": context,
+              "answers": [{"text": "1999", "answer_start": context.rindex("1999")}]}
+    en_context = "A storm came in 1999. He was born in Rio in 1999, they say."
+    english = {"id": "q", "question": "When was he born?", "context": en_context,
+               "answers": [{"text": "1999", "answer_start": en_context.rindex("1999")}]}
+    for max_length in (48, 24):  # the answer in the target's half, and outside it
+        batcher = OneWindowBatcher(tok, max_length, token_index=True, fuse=True)
+        # QAInputFusionDataset read independently: each side in max_length // 2 - 1 tokens, side by side,
+        # EOS, right padding; the target's indices ((0, 0) too) moved by the English side's length
+        source_ids, _ = _window_reference(tok, english, max_length // 2)
+        target_ids, gold = _window_reference(tok, target, max_length // 2)
+        shift = len(source_ids) - 1
+        ids = source_ids[:-1] + target_ids[:-1] + [tok.sep_token_id]
+        batch = batcher([target], [english])
+        assert batch["input_ids"][0][: len(ids)].tolist() == ids and batch["input_ids"].shape == (1, max_length)
+        assert (batch["input_ids"][0][len(ids):] == tok.pad_token_id).all() and "source_input_ids" not in batch
+        assert (int(batch["start_positions"][0]), int(batch["end_positions"][0])) == (gold[0] + shift, gold[1] + shift)
+        rows = predict(_SpanStub(gold[0] + shift, gold[1] + shift), batcher, [target], [english], 8, "cpu", 1, desc="stub")
+        assert score(rows, batcher)["exact_match"] == 1.0
+        if gold != (0, 0):
+            assert rows[0]["prediction"] == "1999"  # the text read in the target's context
+    assert gold == (0, 0) and shift > 0  # max_length 24: (0, 0) becomes the target's first token
+    # FLARE MT's MT encoder reads question + context with no separator (MTFusionQADataset)
+    mt = OneWindowBatcher(tok, 48, mt_tokenizer=tok, mt_lang="swh_Latn", mt_joiner="")([target])
+    assert mt["mt_input_ids"][0].tolist() == tok(target["question"] + context, truncation=True, max_length=48)["input_ids"]
+    # a decoder's input fusion prompt (CLM_QAInputFusionDataset), through the run's setup
+    common = ["model=tiny-llama", "task=tydiqa", "lang=sw", "mt=fake", "method=input_fusion", "protocol.input_format=concatenated"]
+    setup = Setup(make_cfg(common, tmp_path), access=False)
+    fused, source = setup._inputs([target], [english])
+    batch = setup.batcher(fused, source, train=False)
+    expected = (f"Context: {en_context}\nQuestion: {english['question']}\n\nContext: {context}\n"
+                f"Question: {target['question']}Answer: ")
+    assert batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist() == tok(expected, add_special_tokens=False)["input_ids"]
+    encoder = Setup(make_cfg([*common, "model=tiny-bert", "protocol.qa_windows=one"], tmp_path), access=False)
+    assert encoder.batcher.fuse and not encoder.stage1_batcher.fuse and encoder._inputs([target], [english])[1] == [english]
+    with pytest.raises(ConfigError, match="input_format=concatenated reads a QA encoder's input in the official code's one window"):
+        Setup(make_cfg([*common, "model=tiny-bert"], tmp_path), access=False)
 
 
 # -- a decoder's TyDiQA stage 1 (the official code's bug) ---------------------------------------
@@ -697,12 +743,10 @@ def test_an_official_setting_not_built_yet_is_refused_only_where_it_can_change_t
         check("model=minilm", "task=nusax", "lang=jav", f"method={method}")
     for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare", "flare_mt"):  # XNLI too
         check("model=xlmr-large", "task=xnli", "lang=sw", f"method={method}")
-    for method in ("zero_shot", "translate_test", "lora", "flare"):  # XLM-R on TyDiQA: all built
+    for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare", "flare_mt"):  # XLM-R on TyDiQA: all built
         check("model=xlmr-large", "task=tydiqa", "lang=sw", f"method={method}")
-    with pytest.raises(ConfigError, match="protocol.input_format=concatenated .* not built yet"):
-        check("model=xlmr-large", "task=tydiqa", "lang=sw", "method=input_fusion")  # TyDiQA's input fusion
     with pytest.raises(ConfigError, match="protocol.decoder_lm_head=trained .* not built yet"):
-        check("model=llama3.1-8b", "task=tydiqa", "lang=sw", "method=lora", "protocol.input_format=pair")
+        check("model=llama3.1-8b", "task=tydiqa", "lang=sw", "method=lora")
     with pytest.raises(ConfigError, match="not built yet"):  # without the method, nothing is taken as inert
         check_settings(make_cfg(["protocol=official", "model=minilm", "task=nusax", "lang=jav", "method=lora"]))
 

@@ -25,7 +25,7 @@ class Batcher:
     def __init__(self, tokenizer, task_cfg, kind: str, max_length: int, mt_tokenizer=None,
                  mt_lang: str | None = None, truncation_side: str = "right", official_cut: bool = False,
                  segment: str | None = None, mt_prompt: bool = False, scoring: str | None = None,
-                 prompt_eos: bool = False):
+                 prompt_eos: bool = False, prompt: str | None = None):
         if kind not in ("encoder", "decoder", "encoder_decoder"):
             raise ValueError(f"Unknown model kind {kind!r} (encoder, decoder or encoder_decoder).")
         if truncation_side not in ("right", "left"):
@@ -42,7 +42,7 @@ class Batcher:
         self.fields = list(task_cfg.fields)
         self.qa = task_cfg.type == "qa"
         self.labels = None if self.qa else list(task_cfg.labels)
-        self.prompt = task_cfg.prompt
+        self.prompt = prompt or task_cfg.prompt  # another: it may name an example's further keys (en_context)
         self.kind = kind
         self.max_length = max_length
         self.mt_tokenizer = mt_tokenizer
@@ -60,14 +60,14 @@ class Batcher:
             tok.truncation_side = side
 
     def _prompt_ids(self, example, budget: int) -> list[int]:
-        """BOS + the formatted prompt (+ EOS for an encoder-decoder, or ``prompt_eos``); a prompt over ``budget`` tokens
-        loses the end of its first field (the text, or the QA context), never the question or
+        """BOS + the formatted prompt (+ EOS for an encoder-decoder, or ``prompt_eos``); a prompt over
+        ``budget`` tokens loses the end of its first field (the text, or the QA context), never the question or
         the "Label: " cue; under left truncation (``truncation_side``) its beginning instead."""
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None and self.kind == "decoder" else []
         eos = [tok.eos_token_id] if self.kind == "encoder_decoder" or self.prompt_eos else []
         budget -= len(bos) + len(eos)
-        values = {f: example[f] for f in self.fields}
+        values = dict(example)
         ids = tok(self.prompt.format(**values), add_special_tokens=False)["input_ids"]
         if len(ids) > budget and self.truncation_side == "left":
             ids = ids[len(ids) - max(budget, 0):]
@@ -89,7 +89,7 @@ class Batcher:
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         eos = [tok.eos_token_id] if self.prompt_eos else []
-        ids = tok(self.prompt.format(**{f: example[f] for f in self.fields}), add_special_tokens=False)["input_ids"]
+        ids = tok(self.prompt.format(**example), add_special_tokens=False)["input_ids"]
         room = max(self.max_length - len(bos) - len(eos), 0)
         ids = bos + (ids[max(len(ids) - room, 0):] if self.truncation_side == "left" else ids[:room]) + eos
         return ids[: self.max_length - len(answer)] if len(ids) + len(answer) > self.max_length else ids
@@ -126,7 +126,7 @@ class Batcher:
         tok = self.mt_tokenizer
         tok.src_lang = self.mt_lang
         if self.mt_prompt and self.kind != "encoder":
-            texts = [self.prompt.format(**{f: ex[f] for f in self.fields}) for ex in examples]
+            texts = [self.prompt.format(**ex) for ex in examples]
         elif self.segment:
             texts = [self.segment.format(**{f: ex[f] for f in self.fields}) for ex in examples]
         else:

@@ -30,3 +30,9 @@ def fuse_in_template(targets: list[dict], english: list[dict], template: str, fi
     between = rest.split("{" + second + "}", 1)[0]
     return [{**target, first: source[first] + between + source[second] + " " + prefix + target[first]}
             for target, source in zip(targets, english, strict=True)]
+
+
+def with_english(targets: list[dict], english: list[dict], fields: list[str]) -> list[dict]:
+    """Each target example with its English fields beside its own, as ``en_<field>`` (for a
+    prompt that names both: the official TyDiQA input fusion of decoders)."""
+    return [{**target, **{f"en_{f}": source[f] for f in fields}} for target, source in zip(targets, english, strict=True)]

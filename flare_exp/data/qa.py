@@ -112,7 +112,7 @@ class SpanBatcher:
             layout = SpanLayout(rows, enc["offset_mapping"], [enc.sequence_ids(f) for f in range(len(rows))])
         if self.mt_tokenizer is not None:
             self.mt_tokenizer.src_lang = self.mt_lang
-            mt = self.mt_tokenizer([f"{ex['question']}\n{ex['context']}" for ex in examples], truncation=True,
+            mt = self.mt_tokenizer([ex["question"] + self.mt_joiner + ex["context"] for ex in examples], truncation=True,
                                    max_length=self.max_length, padding=True, return_tensors="pt")
             batch["mt_input_ids"], batch["mt_attention_mask"] = mt["input_ids"][rows], mt["attention_mask"][rows]
         elif english is not None:
@@ -172,7 +172,7 @@ class OneWindowBatcher:
     labels = None
 
     def __init__(self, tokenizer, max_length: int = 128, truncation_side: str = "right", token_index: bool = False,
-                 mt_tokenizer=None, mt_lang: str | None = None):
+                 mt_tokenizer=None, mt_lang: str | None = None, fuse: bool = False, mt_joiner: str = "\n"):
         if not tokenizer.is_fast:
             raise ValueError("The span head needs a fast tokenizer (offset mappings).")
         if truncation_side not in ("right", "left"):
@@ -181,17 +181,22 @@ class OneWindowBatcher:
         self.token_index = token_index
         self.end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         self.mt_tokenizer, self.mt_lang = mt_tokenizer, mt_lang
+        self.fuse = fuse  # input fusion (tasks/tydiqa.py, QAInputFusionDataset): the English window, then the target's
+        self.mt_joiner = mt_joiner  # between question and context in FLARE MT's text (official: nothing)
 
-    def window(self, example: dict) -> tuple[list[int], list, list, tuple[int, int]]:
-        """(token ids, offsets, sequence ids, (start, end) of the answer) of one example."""
+    def window(self, example: dict, budget: int | None = None,
+               eos: bool = True) -> tuple[list[int], list, list, tuple[int, int]]:
+        """(token ids, offsets, sequence ids, (start, end) of the answer) of one example, in
+        ``budget`` tokens (default ``max_length - 1``), then (``eos``) EOS."""
         tok = self.tokenizer
+        budget = self.max_length - 1 if budget is None else budget
         question = example["question"]
         ids = tok(question, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_length - 2:
-            question = tok.decode(ids[: self.max_length - 2])
+        if len(ids) > budget - 1:
+            question = tok.decode(ids[: budget - 1])
         side, tok.truncation_side = tok.truncation_side, self.truncation_side
         try:
-            enc = tok(question, example["context"], add_special_tokens=False, max_length=self.max_length - 1,
+            enc = tok(question, example["context"], add_special_tokens=False, max_length=budget,
                       truncation="only_second", return_offsets_mapping=True)
         finally:
             tok.truncation_side = side
@@ -209,7 +214,19 @@ class OneWindowBatcher:
                 break
         if start is None or end is None:
             start = end = 0
-        return enc["input_ids"] + [self.end_id], offsets, sequence, (start, end)
+        return enc["input_ids"] + ([self.end_id] if eos else []), offsets, sequence, (start, end)
+
+    def fused(self, target: dict, english: dict) -> tuple[list[int], list, list, tuple[int, int]]:
+        """Input fusion's window as the official code builds it (QAInputFusionDataset): the English
+        and the target example each in ``max_length // 2 - 1`` tokens, side by side, then EOS; the
+        target's answer indices moved by the English window's length ((0, 0) too: an answer
+        outside the target's window points at the target's first token)."""
+        half = self.max_length // 2 - 1
+        source = self.window(english, half, eos=False)[0]
+        ids, offsets, sequence, (start, end) = self.window(target, half, eos=False)
+        shift = len(source)
+        return (source + ids + [self.end_id], [(0, 0)] * shift + offsets, [None] * shift + sequence,
+                (start + shift, end + shift))
 
     def _padded(self, windows) -> dict:
         ids = torch.full((len(windows), self.max_length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -224,7 +241,12 @@ class OneWindowBatcher:
 
     def encode(self, examples: list[dict], english: list[dict] | None = None,
                train: bool = True) -> tuple[dict, WindowLayout | None]:
-        windows = [self.window(ex) for ex in examples]
+        if self.fuse:
+            if english is None:
+                raise ValueError("Input fusion needs the English version of every example.")
+            windows = [self.fused(ex, en) for ex, en in zip(examples, english, strict=True)]
+        else:
+            windows = [self.window(ex) for ex in examples]
         batch = self._padded(windows)
         layout = None
         if train:
@@ -234,10 +256,10 @@ class OneWindowBatcher:
             layout = WindowLayout([w[1] for w in windows], [w[2] for w in windows], [w[3] for w in windows])
         if self.mt_tokenizer is not None:
             self.mt_tokenizer.src_lang = self.mt_lang
-            mt = self.mt_tokenizer([f"{ex['question']}\n{ex['context']}" for ex in examples], truncation=True,
+            mt = self.mt_tokenizer([ex["question"] + self.mt_joiner + ex["context"] for ex in examples], truncation=True,
                                    max_length=self.max_length, padding=True, return_tensors="pt")
             batch["mt_input_ids"], batch["mt_attention_mask"] = mt["input_ids"], mt["attention_mask"]
-        elif english is not None:
+        elif english is not None and not self.fuse:
             source = self._padded([self.window(ex) for ex in english])
             batch.update({f"source_{k}": v for k, v in source.items()})
         return batch, layout
