@@ -209,3 +209,50 @@ def test_the_significance_table_compares_any_two_methods(tmp_path):
     assert text.splitlines()[0] == "| task | model | mt | lang | seed | input fusion − FLARE | p (input fusion ≤ FLARE) | n |"
     assert "| demo | minilm | gold | dmb | 100 | +20.00 | <0.005 | 100 |" in text
     assert "| +10.00 |" in significance_table(frame, "accuracy", samples=200)
+
+
+def test_the_bootstrap_scores_each_example_as_the_runs_official_scoring_did(tmp_path, make_cfg):
+    """Under the official scoring, the paired bootstrap's observed difference is the difference of
+    the two runs' results.json metrics (flare_exp.evaluate.score), not a re-scoring by the sound rules."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from flare_exp.evaluate import score
+
+    def write(name, rows, config, batcher):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "results.json").write_text(json.dumps({"config": config}))
+        return folder, score(rows, batcher)
+
+    labels = ["negative", "neutral", "positive"]
+    cfg = make_cfg(["task=nusax", "model=tiny-llama", "protocol=official"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    nusax = SimpleNamespace(qa=False, scoring="last_word", labels=labels)
+    gold = ["negative", "positive", "neutral", "negative", "positive", "positive"]
+    flare = [{"id": str(i), "gold": g, "prediction": p, "output": ""}
+             for i, (g, p) in enumerate(zip(gold, ["negative", None, "neutral", None, "positive", "positive"]))]
+    lora = [{**r, "prediction": p} for r, p in zip(flare, [None, "positive", "neutral", "negative", None, "neutral"])]
+    (f, mf), (l, ml) = write("f", flare, config, nusax), write("l", lora, config, nusax)
+    for metric in ("macro_f1", "accuracy"):
+        assert paired_bootstrap(f, l, metric, samples=50)["difference"] == pytest.approx(100 * (mf[metric] - ml[metric]))
+    assert mf["macro_f1"] != mf["accuracy"] and mf["invalid"] == 2
+    # QA: an official decoder's decoded texts, an official encoder's token indices
+    qa_gold = [["1999"], ["Rio"], ["two"]]
+    texts = [{"text": "1999", "full": "Answer: 1999", "gold_full": "Answer: 1999"},
+             {"text": "rio.", "full": "Answer: rio.", "gold_full": "Answer: Rio"},
+             {"text": "the two", "full": "Answer: the two", "gold_full": "Answer: two"}]  # SQuAD EM would take it
+    decoder = SimpleNamespace(qa=True, scoring="exact_match", token_index=False)
+    rows = [{"id": str(i), "gold": g, "prediction": o["text"], "output": o} for i, (g, o) in enumerate(zip(qa_gold, texts))]
+    misses = [{**r, "prediction": "x", "output": {**r["output"], "full": "Answer: x"}} for r in rows]
+    (f, mf), (l, ml) = write("fq", rows, config, decoder), write("lq", misses, config, decoder)
+    assert mf["exact_match"] == pytest.approx(2 / 3)
+    assert paired_bootstrap(f, l, "exact_match", samples=50)["difference"] == pytest.approx(100 * (mf["exact_match"] - ml["exact_match"]))
+    encoder = SimpleNamespace(qa=True, scoring=None, token_index=True)
+    spans = [{"id": str(i), "gold": g, "prediction": g[0], "output": {"start": s, "end": s, "gold": [3, 3]}}
+             for i, (g, s) in enumerate(zip(qa_gold, [3, 4, 4]))]  # the right text at other tokens misses
+    (f, mf), (l, ml) = write("fs", spans, config, encoder), write("ls", [{**r, "output": {**r["output"], "start": 0}} for r in spans], config, encoder)
+    assert paired_bootstrap(f, l, "exact_match", samples=50)["difference"] == pytest.approx(100 * (mf["exact_match"] - ml["exact_match"]))
+    assert mf["exact_match"] == pytest.approx(1 / 3)

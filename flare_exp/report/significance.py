@@ -8,20 +8,38 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from ..methods import TITLES
-from ..metrics import macro_f1_rows, normalize_answer, token_f1
+from ..metrics import forced_label, macro_f1_rows, normalize_answer, official_same, token_f1
+from ..protocol import official_scoring
 
 
 def _example_scores(path: Path, metric: str) -> tuple[list[str], np.ndarray, list]:
+    """(ids, each example's score, the rows) of a run, scored as its results.json is: an official
+    QA output by its token indices or its decoded texts, a NusaX output naming no label under the
+    official scoring given its wrong class."""
     rows = [json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines()]
     ids = [r["id"] for r in rows]
     if metric == "exact_match":
-        return ids, np.array([max(float(normalize_answer(r["prediction"] or "") == normalize_answer(g))
-                                  for g in r["gold"]) for r in rows]), None
+        return ids, np.array([_exact_match(r) for r in rows]), None
     if metric == "f1":
         return ids, np.array([max(token_f1(r["prediction"] or "", g) for g in r["gold"]) for r in rows]), None
+    config = OmegaConf.create(json.loads((path / "results.json").read_text())["config"])
+    if config.get("protocol") is not None and official_scoring(config.protocol, config.task, config.model) == "last_word":
+        labels = list(config.task.labels)
+        rows = [{**r, "prediction": r["prediction"] if r["prediction"] is not None else forced_label(r["gold"], labels)}
+                for r in rows]
     return ids, np.array([float(r["prediction"] == r["gold"]) for r in rows]), rows
+
+
+def _exact_match(row: dict) -> float:
+    output = row.get("output")
+    if isinstance(output, dict) and "gold_full" in output:  # the official decoder scoring
+        return float(official_same(output["full"], output["gold_full"]))
+    if isinstance(output, dict) and "start" in output:  # the official token indices
+        return float([output["start"], output["end"]] == list(output["gold"]))
+    return max(float(normalize_answer(row["prediction"] or "") == normalize_answer(g)) for g in row["gold"])
 
 def _bootstrap(flare_dir: Path, lora_dir: Path, metric: str, draws: np.ndarray | None, rng) -> tuple:
     """(observed FLARE - LoRA, the differences over bootstrap resamples, n) on the same examples."""
