@@ -37,6 +37,8 @@ ARCHITECTURES = {
     "mt5-xl": (3.74e9, 24, 32),
     "xlmr-large": (0.56e9, 24, 16),
 }
+# Their vocabularies, hidden widths and whether the LM head is tied to the input embeddings.
+EMBEDDINGS = {"llama3.1-8b": (128256, 4096, False), "gemma2-9b": (256000, 3584, True), "qwen2.5-7b": (152064, 3584, False)}
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.95  # of the GPU's memory a job may plan to use (allocator fragmentation, CUDA context)
 
@@ -75,27 +77,43 @@ def peak_gb(model_cfg: DictConfig, row: dict, batch: int, length: int, checkpoin
             + _scores_gb(model_cfg, batch, length, checkpointing))
 
 
+def trained_base_gb(cfg: DictConfig, settings: DictConfig) -> float:
+    """What training the base model's own LM head and embeddings adds (``protocol.decoder_lm_head``,
+    ``protocol.llama_pad_token``: the official code's): their gradients and optimizer states."""
+    from .protocol import family
+
+    if cfg.model.kind != "decoder" or cfg.model.name not in EMBEDDINGS:
+        return 0.0
+    vocab, width, tied = EMBEDDINGS[cfg.model.name]
+    matrices = int(cfg.protocol.decoder_lm_head == "trained")
+    matrices += int(cfg.protocol.llama_pad_token == "new_token" and family(cfg.model) == "llama" and not tied)
+    grad = BYTES.get(cfg.model.dtype, 4)
+    state = 2 if settings.get("optimizer") == "adamw_8bit" else 2 * grad
+    return matrices * vocab * width * (grad + state) / 1e9
+
+
 def fit(model_cfg: DictConfig, settings: DictConfig, length: int, rows: dict, gpu_gb: float,
-        group: str) -> Fit | None:
+        group: str, extra_gb: float = 0.0) -> Fit | None:
     """The fit of a training job on ``model_cfg`` with ``settings`` (``cfg.train`` or
     ``cfg.stage1``, named ``group`` in the remedy's overrides) at ``length`` tokens; ``rows``:
-    checkpointing (bool) -> the throughput row of the model and method. None where the model has
-    no row or no published architecture here."""
+    checkpointing (bool) -> the throughput row of the model and method; ``extra_gb``: added to
+    every peak (``trained_base_gb``). None where the model has no row or no published
+    architecture here."""
     if model_cfg.name not in ARCHITECTURES or not rows:
         return None
     limit = HEADROOM * gpu_gb
     checkpointing, batch, accum = bool(settings.gradient_checkpointing), int(settings.batch_size), int(settings.grad_accum)
     if checkpointing not in rows:
         return None
-    first = peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing)
+    first = extra_gb + peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing)
     peak, remedy = first, {}
     if peak > limit and not checkpointing and True in rows:
         checkpointing, remedy = True, {f"{group}.gradient_checkpointing": True}
-        peak = peak_gb(model_cfg, rows[True], batch, length, True)
+        peak = extra_gb + peak_gb(model_cfg, rows[True], batch, length, True)
     while peak > limit and batch > 1 and batch % 2 == 0:
         batch, accum = batch // 2, accum * 2
         remedy.update({f"{group}.batch_size": batch, f"{group}.grad_accum": accum})
-        peak = peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing)
+        peak = extra_gb + peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing)
     return Fit(first, peak, remedy, peak <= limit)
 
 
@@ -117,7 +135,7 @@ def job_fits(cfg: DictConfig, table: dict | None = None) -> dict:
             continue
         rows = {gc: row for (model, name, gc), row in table.items() if model == cfg.model.name and name == cls.cost_row}
         length = int(cfg.task.max_length) * factor
-        found = fit(cfg.model, cfg[group], length, rows, gpu, group)
+        found = fit(cfg.model, cfg[group], length, rows, gpu, group, trained_base_gb(cfg, cfg[group]))
         if found is not None:
             fits[(stage, cfg.task.name, cfg.model.name, "lora" if stage == "stage1" else method.label, length)] = found
     return fits

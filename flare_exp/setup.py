@@ -146,7 +146,26 @@ class Setup:
 
     @cached_property
     def tokenizer(self):
-        return load_tokenizer(self.model_cfg, self.cache_dir)
+        tokenizer = load_tokenizer(self.model_cfg, self.cache_dir)
+        if self._new_pad_token:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        return tokenizer
+
+    @property
+    def _new_pad_token(self) -> bool:
+        """Whether a Llama gets a new pad token, its embeddings resized (``protocol.llama_pad_token``)."""
+        return self.protocol.llama_pad_token == "new_token" and family(self.model_cfg) == "llama"
+
+    def trained_base(self, model) -> list:
+        """The base model's own parameters the protocol trains in both stages, ``model`` a stage-1
+        model: a decoder's LM head (``protocol.decoder_lm_head``; Gemma 2's, tied, is its embedding
+        matrix) and a Llama's input embeddings (``protocol.llama_pad_token``)."""
+        modules = []
+        if self.protocol.decoder_lm_head == "trained" and self.model_cfg.kind == "decoder":
+            modules.append(model.get_output_embeddings())
+        if self._new_pad_token:
+            modules.append(model.get_input_embeddings())
+        return list({id(p): p for m in modules for p in m.parameters()}.values())
 
     @cached_property
     def translator(self) -> LazyTranslator | None:
@@ -263,7 +282,13 @@ class Setup:
         if stage1 and self._stage1_compute_dtype:
             model_cfg = OmegaConf.create({**OmegaConf.to_container(model_cfg, resolve=True),
                                           "compute_dtype": self._stage1_compute_dtype})
-        return load_base_model(model_cfg, self.tokenizer, labels, self.device, self.cache_dir, self.seed)
+        model = load_base_model(model_cfg, self.tokenizer, labels, self.device, self.cache_dir, self.seed)
+        if self._new_pad_token and model.get_input_embeddings().num_embeddings < len(self.tokenizer):
+            torch.manual_seed(self.seed)  # the new rows are drawn around the old ones' mean (transformers)
+            model.resize_token_embeddings(len(self.tokenizer))
+            for param in model.parameters():
+                param.requires_grad_(False)
+        return model
 
     @property
     def _stage1_compute_dtype(self) -> str | None:
@@ -315,6 +340,8 @@ class Setup:
         torch.manual_seed(self.seed)
         model = get_peft_model(base, adapters.lora_config(self.model_cfg, settings,
                                                           adapters.task_head(self.model_cfg, self.task)))
+        for param in self.trained_base(model):
+            param.requires_grad_(True)
         resume = Checkpoint(self.stage1_path.with_name(f".{self.stage1_path.name}.checkpoint"),
                             int(settings.checkpoint_every))
         stats = train_model(model, self.stage1_batcher, english_train, None, settings, self.seed, self.device,
@@ -335,9 +362,14 @@ class Setup:
     def model(self):
         """The model this run trains and tests: stage 1, with the method's adapter on it (and
         FLARE MT's encoder)."""
-        return adapters.build(self.method, self.stage1(), self.model_cfg, self.cfg.train, self.seed,
-                              adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder,
-                              source_train_mode=self.protocol.source_pass == "train")
+        stage1 = self.stage1()
+        trained = self.trained_base(stage1) if self.method.adapter is not None else []
+        model = adapters.build(self.method, stage1, self.model_cfg, self.cfg.train, self.seed,
+                               adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder,
+                               source_train_mode=self.protocol.source_pass == "train")
+        for param in trained:  # trained again in stage 2 (the official code's run.py)
+            param.requires_grad_(True)
+        return model
 
     # -- training and testing --------------------------------------------------------------
     def _inputs(self, targets, english):

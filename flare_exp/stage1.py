@@ -16,6 +16,17 @@ from . import distributed
 from .locking import file_lock
 from .record import STAGE1_RECORD, write_json_atomic
 
+# The base model's own parameters stage 1 trained (the official code's LM head and embeddings:
+# protocol.decoder_lm_head, protocol.llama_pad_token), beside the adapter.
+BASE_WEIGHTS = "base_weights.safetensors"
+
+
+def trained_base_weights(model) -> dict:
+    """The trainable parameters of ``model`` that are the base model's own, not its adapters'."""
+    from .train import trainable_weights
+
+    return {n: w for n, w in trainable_weights(model).items() if ".lora_" not in n and ".modules_to_save." not in n}
+
 
 def ensure_stage1(final: Path, train: Callable[[], tuple[PeftModel, Callable[[], dict] | None]]) -> PeftModel | None:
     """The stage-1 model trained now by ``train()`` where ``final`` holds none yet (None where it
@@ -38,6 +49,10 @@ def ensure_stage1(final: Path, train: Callable[[], tuple[PeftModel, Callable[[],
             final.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
             model.save_pretrained(staging)  # safetensors
+            if base := trained_base_weights(model):
+                from safetensors.torch import save_file
+
+                save_file(base, str(staging / BASE_WEIGHTS))
             write_json_atomic(staging / STAGE1_RECORD, record())
             if final.exists():  # a broken earlier attempt: no stage1.json inside
                 shutil.rmtree(final)
@@ -55,5 +70,13 @@ def frozen(model: PeftModel) -> PeftModel:
 
 
 def load_stage1(base, path: Path) -> PeftModel:
-    """The stage-1 adapter in ``path`` on ``base`` (adapter_model.safetensors), frozen."""
-    return PeftModel.from_pretrained(base, path).eval()
+    """The stage-1 adapter in ``path`` on ``base`` (adapter_model.safetensors; the base's own
+    trained parameters from ``BASE_WEIGHTS`` where stage 1 trained some), frozen."""
+    model = PeftModel.from_pretrained(base, path)
+    if (path / BASE_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        from .train import copy_into
+
+        copy_into(model, load_file(str(path / BASE_WEIGHTS)))
+    return model.eval()

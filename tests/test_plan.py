@@ -85,3 +85,19 @@ def test_a_job_that_does_not_fit_its_gpu_gets_a_remedy_that_keeps_its_effective_
     assert memory.fitted(nusax) == nusax
     with pytest.raises(ConfigError, match=r"needs about \d+ GB on a 4 GB GPU .* cannot run there"):
         memory.fitted(make_cfg(["model=llama3.1-8b", "task=tydiqa", "method=flare", "cluster.gpu_memory_gb=4"]))
+
+
+def test_the_official_trained_lm_head_and_embeddings_enter_the_memory_estimate(make_cfg):
+    from flare_exp import memory
+
+    common = ["task=nusax", "method=lora", "lang=jav"]
+    key = ("stage2", "nusax", "llama3.1-8b", "lora", 128)
+    sound = memory.job_fits(make_cfg(["model=llama3.1-8b", *common]))[key].peak_gb
+    head = memory.job_fits(make_cfg(["model=llama3.1-8b", *common, "protocol.decoder_lm_head=trained"]))[key].peak_gb
+    both = memory.job_fits(make_cfg(["model=llama3.1-8b", *common, "protocol.decoder_lm_head=trained",
+                                     "protocol.llama_pad_token=new_token"]))[key].peak_gb
+    # 128256 x 4096 parameters a matrix: bf16 gradients and 8-bit AdamW's two states, 4 bytes each
+    assert head - sound == pytest.approx(128256 * 4096 * 4 / 1e9) and both - sound == pytest.approx(2 * (head - sound))
+    gemma = [("stage2", "nusax", "gemma2-9b", "lora", 128), ["model=gemma2-9b", *common]]
+    tied = memory.job_fits(make_cfg([*gemma[1], "protocol.decoder_lm_head=trained", "protocol.llama_pad_token=new_token"]))
+    assert tied[gemma[0]].peak_gb - memory.job_fits(make_cfg(gemma[1]))[gemma[0]].peak_gb == pytest.approx(256000 * 3584 * 4 / 1e9)

@@ -648,6 +648,51 @@ def test_official_gemma_prompt_ends_in_eos_in_stage2_as_its_tokenizer_with_add_e
     assert not protocol.applies("gemma_eos", gemma.task, make_cfg(["model=tiny-llama"]).model, gemma.method)
 
 
+def test_official_decoder_lm_head_and_llama_pad_token_train_in_both_stages(tmp_path):
+    from safetensors.torch import load_file
+
+    from flare_exp import record
+    from flare_exp.setup import Setup
+    from flare_exp.stage1 import BASE_WEIGHTS
+    from flare_exp.stages import run
+
+    official = ["protocol.decoder_lm_head=trained", "protocol.llama_pad_token=new_token"]
+    cfg = demo_cfg("tiny-llama", "lora", tmp_path, [*SMALL_DEMO, *official])
+    setup = Setup(cfg)
+    sound_tok = Setup(demo_cfg("tiny-llama", "lora", tmp_path / "sound", list(SMALL_DEMO))).tokenizer
+    # run.py, run_task_ft.py: a new <pad> token, the embeddings resized to the tokenizer
+    assert setup.tokenizer.pad_token == "<pad>" and len(setup.tokenizer) == len(sound_tok) + 1
+    base = setup.base_model()
+    assert base.get_input_embeddings().num_embeddings == len(setup.tokenizer) == base.get_output_embeddings().out_features
+    assert base.config.pad_token_id == setup.tokenizer.pad_token_id
+    run(cfg)
+    stage1 = load_file(str(setup.stage1_path / BASE_WEIGHTS))
+    head, embed = (next(k for k in stage1 if k.endswith(name)) for name in ("lm_head.weight", "embed_tokens.weight"))
+    assert not torch.equal(stage1[head], base.get_output_embeddings().weight)  # trained in stage 1
+    assert not torch.equal(stage1[embed], base.get_input_embeddings().weight)
+    loaded = Setup(cfg).stage1()  # and loaded with the stage-1 adapter
+    assert torch.equal(loaded.get_output_embeddings().weight, stage1[head])
+    assert torch.equal(loaded.get_input_embeddings().weight, stage1[embed])
+    stage2 = load_file(str(run_path(tmp_path, "runs/demo/tiny-llama/gold/lora/dmb/seed100") / record.ADAPTER))
+    trained = [k for k in stage2 if k.endswith(("lm_head.weight", "embed_tokens.weight"))]
+    assert len(trained) == 2 and all(not torch.equal(stage2[k], stage1[head if "lm_head" in k else embed]) for k in trained)
+    # the sound protocol trains neither: the LM head is the base's after both stages
+    sound = demo_cfg("tiny-llama", "lora", tmp_path / "sound", list(SMALL_DEMO))
+    run(sound)
+    sound_setup = Setup(sound)
+    assert not (sound_setup.stage1_path / BASE_WEIGHTS).exists()
+    assert torch.equal(sound_setup.stage1().get_output_embeddings().weight,
+                       sound_setup.base_model().get_output_embeddings().weight)
+    # the pad token is the Llamas' alone; the LM head every decoder's
+    smol = make_cfg(["model=smollm2-135m", "task=demo", "lang=dmb", "mt=gold", "method=lora"])
+    assert not protocol.applies("llama_pad_token", smol.task, smol.model, setup.method)
+    assert protocol.applies("decoder_lm_head", smol.task, smol.model, setup.method)
+
+
+SMALL_DEMO = ("data.max_train=32", "data.max_test=8", "data.max_validation=8", "train.epochs=1", "train.batch_size=16",
+              "train.lr=1e-2", "stage1.epochs=1", "stage1.batch_size=16", "stage1.lr=1e-2")
+
+
 # -- budgets, precision, checkpointing ----------------------------------------------------------
 def test_official_generation_budget_and_4bit_settings_reach_the_run(tmp_path):
     from flare_exp.setup import Setup
@@ -745,7 +790,7 @@ def test_an_official_setting_not_built_yet_is_refused_only_where_it_can_change_t
         check("model=xlmr-large", "task=xnli", "lang=sw", f"method={method}")
     for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare", "flare_mt"):  # XLM-R on TyDiQA: all built
         check("model=xlmr-large", "task=tydiqa", "lang=sw", f"method={method}")
-    with pytest.raises(ConfigError, match="protocol.decoder_lm_head=trained .* not built yet"):
+    with pytest.raises(ConfigError, match="protocol.unquantised_dtype=float32 .* not built yet"):
         check("model=llama3.1-8b", "task=tydiqa", "lang=sw", "method=lora")
     with pytest.raises(ConfigError, match="not built yet"):  # without the method, nothing is taken as inert
         check_settings(make_cfg(["protocol=official", "model=minilm", "task=nusax", "lang=jav", "method=lora"]))

@@ -112,7 +112,7 @@ class SpanBatcher:
             layout = SpanLayout(rows, enc["offset_mapping"], [enc.sequence_ids(f) for f in range(len(rows))])
         if self.mt_tokenizer is not None:
             self.mt_tokenizer.src_lang = self.mt_lang
-            mt = self.mt_tokenizer([ex["question"] + self.mt_joiner + ex["context"] for ex in examples], truncation=True,
+            mt = self.mt_tokenizer([f"{ex['question']}\n{ex['context']}" for ex in examples], truncation=True,
                                    max_length=self.max_length, padding=True, return_tensors="pt")
             batch["mt_input_ids"], batch["mt_attention_mask"] = mt["input_ids"][rows], mt["attention_mask"][rows]
         elif english is not None:
