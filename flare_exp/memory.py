@@ -25,6 +25,7 @@ from omegaconf import DictConfig, open_dict
 
 from .errors import ConfigError
 from .methods import method_class, method_for
+from .protocol import input_length
 from .settings import check_settings
 
 THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
@@ -134,7 +135,7 @@ def job_fits(cfg: DictConfig, table: dict | None = None) -> dict:
         if stage == "stage2" and not method.trains:
             continue
         rows = {gc: row for (model, name, gc), row in table.items() if model == cfg.model.name and name == cls.cost_row}
-        length = int(cfg.task.max_length) * factor
+        length = input_length(cfg.protocol, cfg.task) * factor
         found = fit(cfg.model, cfg[group], length, rows, gpu, group, trained_base_gb(cfg, cfg[group]))
         if found is not None:
             fits[(stage, cfg.task.name, cfg.model.name, "lora" if stage == "stage1" else method.label, length)] = found

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from . import memory
 from .memory import THROUGHPUT
 from .methods import method_class, method_for
-from .protocol import translations
+from .protocol import input_length, translations
 from .record import STAGE1_RECORD, RESULTS, run_dir, stage1_dir, translation_cache
 from .report.experiments import command, split_experiment, sweep_configs
 
@@ -54,7 +54,7 @@ def _step(table: dict, cfg: DictConfig, method, settings: DictConfig) -> tuple[f
     row = table.get((cfg.model.name, method.cost_row, bool(settings.gradient_checkpointing)))
     if row is None:
         return float("nan"), "no row"
-    scale = (settings.batch_size / int(row["batch"])) * (cfg.task.max_length / int(row["length"]))
+    scale = (settings.batch_size / int(row["batch"])) * (input_length(cfg.protocol, cfg.task) / int(row["length"]))
     source = "measured" if row["source"] == "measured" and method.cost_measured else "estimate"
     return float(row["step_s"]) * scale * settings.grad_accum, source
 

@@ -62,6 +62,12 @@ def identity(values: dict) -> dict:
     return {k: v for k, v in values.items() if not (k in ADDED and v == sound[k].value)}
 
 
+def input_length(protocol: DictConfig, task: DictConfig) -> int:
+    """The token budget of an input: ``protocol.max_length``, or the task's (a method's length
+    factor multiplies it: input fusion's 2)."""
+    return int(protocol.max_length or task.max_length)
+
+
 def built(key: str, task: DictConfig | None = None) -> bool:
     return key in BUILT or (task is not None and task.name in BUILT_FOR.get(key, ()))
 

@@ -26,7 +26,8 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import OFFICIAL_QA_FUSED_PROMPTS, family, official_scoring, official_segment, official_separator, quotes_test, quotes_train, translations
+from .protocol import (OFFICIAL_QA_FUSED_PROMPTS, family, input_length, official_scoring, official_segment,
+                       official_separator, quotes_test, quotes_train, translations)
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -234,7 +235,7 @@ class Setup:
     def max_length(self) -> int:
         """The token budget of an input: ``protocol.max_length``, or the task's (doubled by input
         fusion, ``make_batcher``)."""
-        return int(self.protocol.max_length or self.task.max_length)
+        return input_length(self.protocol, self.task)
 
     def make_batcher(self, plain: bool = False):
         """The batcher of this run's method (``plain``: of stage 1, whatever the method)."""

@@ -101,3 +101,16 @@ def test_the_official_trained_lm_head_and_embeddings_enter_the_memory_estimate(m
     gemma = [("stage2", "nusax", "gemma2-9b", "lora", 128), ["model=gemma2-9b", *common]]
     tied = memory.job_fits(make_cfg([*gemma[1], "protocol.decoder_lm_head=trained", "protocol.llama_pad_token=new_token"]))
     assert tied[gemma[0]].peak_gb - memory.job_fits(make_cfg(gemma[1]))[gemma[0]].peak_gb == pytest.approx(256000 * 3584 * 4 / 1e9)
+
+
+def test_the_memory_estimate_reads_the_protocols_input_length(make_cfg):
+    from flare_exp import memory
+
+    # the official 128 tokens of TyDiQA (protocol.max_length), not the task's 384: no remedy needed
+    cfg = make_cfg(["model=llama3.1-8b", "task=tydiqa", "method=flare", "lang=sw", "protocol.max_length=128"])
+    fits = memory.job_fits(cfg)
+    assert set(fits) == {("stage1", "tydiqa", "llama3.1-8b", "lora", 128), ("stage2", "tydiqa", "llama3.1-8b", "flare", 128)}
+    assert all(f.fits and not f.remedy for f in fits.values())
+    doubled = memory.job_fits(make_cfg(["model=xlmr-large", "task=tydiqa", "method=input_fusion", "lang=sw",
+                                        "protocol.max_length=128"]))
+    assert ("stage2", "tydiqa", "xlmr-large", "input_fusion", 256) in doubled
