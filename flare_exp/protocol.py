@@ -33,7 +33,8 @@ CHOICES = {"mt_dtype": ("auto", *DTYPES[1:]), "stage1_compute_dtype": DTYPES, "u
 BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "kbit_gradient_checkpointing",
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
          "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection", "generation",
-         "gemma_eos", "input_format", "decoder_lm_head", "llama_pad_token"}
+         "gemma_eos", "input_format", "decoder_lm_head", "llama_pad_token",
+         "checkpointed_fusion"}
 BUILT_FOR = {"decoder_scoring": {"nusax", "xnli", "tydiqa"}}
 
 # An encoder's input of a task with more than one text field, as the official code writes it in
@@ -156,7 +157,9 @@ APPLIES = {
     "llama_pad_token": lambda task, model, method: family(model) == "llama",
     "gemma_eos": lambda task, model, method: family(model) == "gemma",
     "stage1_compute_dtype": _4bit_decoder, "unquantised_dtype": _4bit_decoder,
-    "kbit_gradient_checkpointing": _4bit_decoder, "checkpointed_fusion": _4bit_decoder,
+    "kbit_gradient_checkpointing": _4bit_decoder,
+    "checkpointed_fusion": lambda task, model, method: _4bit_decoder(task, model, method) and method.adapter in (
+        "flare", "flare_mt"),
     # one text field: the official formats differ only in how input fusion joins the two texts
     # an encoder's one segment (classification), input fusion, and what FLARE MT's MT encoder reads
     "input_format": lambda task, model, method: (method.test_input == "fused" or method.needs_mt_encoder or (

@@ -26,8 +26,8 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import (OFFICIAL_QA_FUSED_PROMPTS, family, input_length, official_scoring, official_segment,
-                       official_separator, quotes_test, quotes_train, translations)
+from .protocol import (OFFICIAL_QA_FUSED_PROMPTS, applies, family, input_length, official_scoring,
+                       official_segment, official_separator, quotes_test, quotes_train, translations)
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
 from .translate import build_tiny_nllb, nllb_code
@@ -156,6 +156,13 @@ class Setup:
     def _new_pad_token(self) -> bool:
         """Whether a Llama gets a new pad token, its embeddings resized (``protocol.llama_pad_token``)."""
         return self.protocol.llama_pad_token == "new_token" and family(self.model_cfg) == "llama"
+
+    @property
+    def keeps_checkpointed_fusion(self) -> bool:
+        """Whether FLARE's checkpointed layers fuse while training: unless ``protocol.checkpointed_fusion:
+        dropped`` in a run it applies to (a 4-bit decoder's FLARE, as in the official code)."""
+        return self.protocol.checkpointed_fusion == "kept" or not applies(
+            "checkpointed_fusion", self.task, self.model_cfg, self.method)
 
     def trained_base(self, model) -> list:
         """The base model's own parameters the protocol trains in both stages, ``model`` a stage-1
@@ -367,7 +374,8 @@ class Setup:
         trained = self.trained_base(stage1) if self.method.adapter is not None else []
         model = adapters.build(self.method, stage1, self.model_cfg, self.cfg.train, self.seed,
                                adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder,
-                               source_train_mode=self.protocol.source_pass == "train")
+                               source_train_mode=self.protocol.source_pass == "train",
+                               checkpointed_fusion=self.keeps_checkpointed_fusion)
         for param in trained:  # trained again in stage 2 (the official code's run.py)
             param.requires_grad_(True)
         return model

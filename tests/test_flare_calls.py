@@ -308,3 +308,37 @@ def test_a_dora_stage1_on_full_precision_weights_is_merged_not_refused():
         expected = stage1(**target).logits
         flare = get_flare_model(stage1, flare_config("llama"))
         torch.testing.assert_close(flare(**target, **source).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_dropped_checkpointed_fusion_trains_plain_lora_and_fuses_at_evaluation(reentrant):
+    """checkpointed_fusion=False (protocol.checkpointed_fusion: dropped): under gradient
+    checkpointing a training forward is the same adapter's plain LoRA, lora_B(lora_A(x)) with no
+    source (the public code's LinearFuse without x_source); evaluation fuses as ever."""
+    base = tiny_model("llama")
+    target, source = inputs("llama")
+
+    def built(**kwargs):
+        flare = get_flare_model(copy.deepcopy(base), flare_config("llama", **kwargs))
+        randomize_lora(flare.peft_model, seed=3, scale=0.3)  # the same weights in each
+        return flare
+
+    dropped, kept, plain = built(checkpointed_fusion=False), built(), built(fusion="none")
+    for model in (dropped, kept, plain):
+        model.train()
+        enable_checkpointing(model.hf_model, reentrant)
+        model.hf_model.enable_input_require_grads()
+    outputs = {}
+    for name, model in (("dropped", dropped), ("kept", kept), ("plain", plain)):
+        logits = model(**target, **source).logits
+        weighted_loss(logits).backward()
+        outputs[name] = logits.detach()
+    torch.testing.assert_close(outputs["dropped"], outputs["plain"], atol=1e-6, rtol=0)
+    assert not torch.allclose(outputs["kept"], outputs["plain"], atol=1e-4)
+    grads = [{n: p.grad for n, p in m.peft_model.named_parameters() if "lora_" in n and p.grad is not None}
+             for m in (dropped, plain)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert_same_grads(grads[0], grads[1])
+    with torch.no_grad():  # evaluation: no checkpointing, the fusion is back
+        dropped.eval(), kept.eval()
+        torch.testing.assert_close(dropped(**target, **source).logits, kept(**target, **source).logits, atol=1e-6, rtol=0)

@@ -689,6 +689,20 @@ def test_official_decoder_lm_head_and_llama_pad_token_train_in_both_stages(tmp_p
     assert protocol.applies("decoder_lm_head", smol.task, smol.model, setup.method)
 
 
+def test_official_checkpointed_fusion_is_dropped_in_a_4bit_decoders_flare_only(tmp_path):
+    from flare_exp.setup import Setup
+
+    dropped = ["protocol.checkpointed_fusion=dropped"]
+    nf4 = ["model.quantization=nf4", "model.dtype=bfloat16"]
+    flare = Setup(demo_cfg("tiny-llama", "flare", tmp_path, [*nf4, *dropped]))
+    assert not flare.keeps_checkpointed_fusion
+    model = flare.model()
+    assert not model.slot.checkpointed_fusion and not model.flare_config.checkpointed_fusion
+    assert Setup(demo_cfg("tiny-llama", "flare", tmp_path, nf4)).keeps_checkpointed_fusion  # sound
+    assert Setup(demo_cfg("tiny-llama", "flare", tmp_path, dropped)).keeps_checkpointed_fusion  # not 4-bit
+    assert Setup(demo_cfg("tiny-llama", "lora", tmp_path, [*nf4, *dropped])).keeps_checkpointed_fusion  # no fusion
+
+
 SMALL_DEMO = ("data.max_train=32", "data.max_test=8", "data.max_validation=8", "train.epochs=1", "train.batch_size=16",
               "train.lr=1e-2", "stage1.epochs=1", "stage1.batch_size=16", "stage1.lr=1e-2")
 

@@ -19,8 +19,9 @@ from torch import nn
 class CallSlot:
     """Which call of one model is running (``active``; None between calls)."""
 
-    def __init__(self):
+    def __init__(self, checkpointed_fusion: bool = True):
         self.active = None
+        self.checkpointed_fusion = checkpointed_fusion  # False: checkpointed layers run without fusion
         self._checkpointed: list[nn.Module] | None = None
 
     @contextlib.contextmanager
@@ -48,9 +49,11 @@ class CallSlot:
     def _wrap(self, checkpoint):
         def checkpoint_in_call(function, *args, **kwargs):
             call = self.active  # the call this layer runs in now, and recomputes in later
+            if call is not None and not self.checkpointed_fusion:
+                call = call.without_fusion()
             # Tensors of the call that need gradients (FLARE MT's projected states) go in as
             # checkpoint inputs: a reentrant checkpoint passes gradients back only to its inputs.
-            extra = call.checkpoint_inputs() if call is not None else ()
+            extra = call.checkpoint_inputs() if call is not None and self.checkpointed_fusion else ()
 
             def run(*run_args, **run_kwargs):
                 inputs = run_args[len(run_args) - len(extra):] if extra else ()

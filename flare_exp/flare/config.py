@@ -41,6 +41,9 @@ class FlareConfig:
         adapter_name: the name of the FLARE adapter inside the PEFT model.
         source_train_mode: False: the source pass runs in eval mode (no dropout); True: in the
             model's own mode, dropout active while training (the public code's).
+        checkpointed_fusion: True: a layer under gradient checkpointing fuses as any other (spec
+            D3); False: it runs its adapters as plain LoRA while training, fusing only at
+            evaluation (the public code's, which passes no source into checkpointed layers).
     """
 
     r: int = 8
@@ -56,6 +59,7 @@ class FlareConfig:
     modules_to_save: list[str] | None = None
     adapter_name: str = "flare"
     source_train_mode: bool = False
+    checkpointed_fusion: bool = True
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:

@@ -39,6 +39,7 @@ class SourceCall:
         self.flare_adapters = flare_adapters
         self.expected = expected
         self.mode = "source"
+        self.fuses = True  # False: the fused layers run plain LoRA (without_fusion)
         self.records: dict[int, torch.Tensor] = {}
         self.shared: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
@@ -69,6 +70,13 @@ class SourceCall:
         """This call with ``checkpoint_inputs`` replaced by ``tensors`` (a recomputation's)."""
         call = copy.copy(self)
         (call.shared,) = tensors
+        return call
+
+    def without_fusion(self) -> "SourceCall":
+        """This call with its fused layers running plain LoRA: lora_B(lora_A(x)), no source (the
+        public code's checkpointed layers, which get no source states)."""
+        call = copy.copy(self)
+        call.fuses = False
         return call
 
     def source_for(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -157,9 +165,10 @@ class FlareLayerMixin:
                         "FLARE model with source_input_ids/source_attention_mask (or source_states), "
                         "or disable the FLARE adapter for plain inference."
                     )
-                source = self._cast_input_dtype(call.source_for(self, x), lora_A.weight.dtype)
-                aligned = gather_aligned(lora_A(dropout(source)), call.index)
-                target = self.lora_fusion[name](aligned, target, call.target_mask, call.causal)
+                if call.fuses:
+                    source = self._cast_input_dtype(call.source_for(self, x), lora_A.weight.dtype)
+                    aligned = gather_aligned(lora_A(dropout(source)), call.index)
+                    target = self.lora_fusion[name](aligned, target, call.target_mask, call.causal)
             result = result + (lora_B(target) * scaling).to(out_dtype)
         return result
 

@@ -338,7 +338,7 @@ def get_flare_model(model: nn.Module, config: FlareConfig) -> FlareModel:
 
     is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
     causal = not is_encoder_decoder and ("ForCausalLM" in type(base).__name__ or base.can_generate())
-    slot = CallSlot()
+    slot = CallSlot(config.checkpointed_fusion)
 
     if stage1 is not None:
         stage1_config, weights = stage1
