@@ -42,17 +42,17 @@ def stage2_head(model_cfg: DictConfig, task_cfg: DictConfig) -> list[str] | None
 
 
 def flare_config(method_cfg: DictConfig, model_cfg: DictConfig, train_cfg: DictConfig, head=None,
-                 source_train_mode: bool = False, checkpointed_fusion: bool = True) -> FlareConfig:
-    """FLARE's adapter (unknown fusion, alignment, r, ... raise ValueError here; ``source_train_mode``:
-    the source pass in the model's mode, ``protocol.source_pass: train``; ``checkpointed_fusion``
-    False: checkpointed layers train without fusion, ``protocol.checkpointed_fusion: dropped``)."""
+                 **options) -> FlareConfig:
+    """FLARE's adapter (unknown fusion, alignment, r, ... raise ValueError here); ``options``: the
+    protocol's FLARE settings (``Setup.flare_options``: source_train_mode, checkpointed_fusion,
+    official_fusion_layer)."""
     targets = model_cfg.lora_targets
     return FlareConfig(
         r=train_cfg.r, alpha=train_cfg.alpha, dropout=train_cfg.dropout,
         target_modules=targets if isinstance(targets, str) else list(targets),
         fuse_modules=model_cfg.fuse_modules, fusion=method_cfg.fusion, heads=method_cfg.heads,
         alignment=method_cfg.alignment, mask_source_padding=method_cfg.mask_source_padding,
-        modules_to_save=head, source_train_mode=source_train_mode, checkpointed_fusion=checkpointed_fusion,
+        modules_to_save=head, **options,
     )
 
 
@@ -81,11 +81,10 @@ def _hidden_size(model) -> int:
 
 
 def build(method, stage1: PeftModel, model_cfg: DictConfig, train_cfg: DictConfig, seed: int, head=None,
-          mt_encoder=None, source_train_mode: bool = False, checkpointed_fusion: bool = True):
+          mt_encoder=None, flare_options: dict | None = None):
     """The model to train and test: ``stage1`` itself where the method trains nothing, else the
     method's adapter on it (``head``: the task head trained too; ``mt_encoder``: FLARE MT's
-    ``MTEncoder``; ``source_train_mode``: FLARE's source pass in the model's mode;
-    ``checkpointed_fusion`` False: FLARE's checkpointed layers train without fusion)."""
+    ``MTEncoder``; ``flare_options``: the protocol's FLARE settings, ``flare_config``)."""
     kind = method.adapter
     if kind is None:
         return stage1
@@ -96,8 +95,7 @@ def build(method, stage1: PeftModel, model_cfg: DictConfig, train_cfg: DictConfi
         cfg = method.cfg
         return XMixupModel(model, STAGE2_ADAPTER, layers=cfg.layers, lambda0=cfg.lambda0, heads=cfg.heads)
     torch.manual_seed(seed)
-    flare = get_flare_model(stage1, flare_config(method.cfg, model_cfg, train_cfg, head, source_train_mode,
-                                                 checkpointed_fusion))
+    flare = get_flare_model(stage1, flare_config(method.cfg, model_cfg, train_cfg, head, **(flare_options or {})))
     if kind == "flare":
         return flare
     if kind == "flare_mt":

@@ -158,11 +158,15 @@ class Setup:
         return self.protocol.llama_pad_token == "new_token" and family(self.model_cfg) == "llama"
 
     @property
-    def keeps_checkpointed_fusion(self) -> bool:
-        """Whether FLARE's checkpointed layers fuse while training: unless ``protocol.checkpointed_fusion:
-        dropped`` in a run it applies to (a 4-bit decoder's FLARE, as in the official code)."""
-        return self.protocol.checkpointed_fusion == "kept" or not applies(
+    def flare_options(self) -> dict:
+        """The protocol's FLARE settings (``flare_exp.flare.FlareConfig``): the source pass's mode
+        (``protocol.source_pass``), whether checkpointed layers fuse while training (unless
+        ``protocol.checkpointed_fusion: dropped`` in a run it applies to: a 4-bit decoder's FLARE,
+        as in the official code) and the official fusion layers (``protocol.fusion_layer``)."""
+        dropped = self.protocol.checkpointed_fusion == "dropped" and applies(
             "checkpointed_fusion", self.task, self.model_cfg, self.method)
+        return {"source_train_mode": self.protocol.source_pass == "train", "checkpointed_fusion": not dropped,
+                "official_fusion_layer": self.protocol.fusion_layer == "default_unmasked"}
 
     def trained_base(self, model) -> list:
         """The base model's own parameters the protocol trains in both stages, ``model`` a stage-1
@@ -373,9 +377,7 @@ class Setup:
         stage1 = self.stage1()
         trained = self.trained_base(stage1) if self.method.adapter is not None else []
         model = adapters.build(self.method, stage1, self.model_cfg, self.cfg.train, self.seed,
-                               adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder,
-                               source_train_mode=self.protocol.source_pass == "train",
-                               checkpointed_fusion=self.keeps_checkpointed_fusion)
+                               adapters.stage2_head(self.model_cfg, self.task), self.mt_encoder, self.flare_options)
         for param in trained:  # trained again in stage 2 (the official code's run.py)
             param.requires_grad_(True)
         return model

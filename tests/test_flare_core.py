@@ -343,3 +343,38 @@ def test_save_load_round_trip(tmp_path, family, fusion):
     with torch.no_grad():
         got = loaded(**target, **source).logits
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_the_official_fusion_layers_are_layer_pys():
+    """official_fusion_layer (protocol.fusion_layer: default_unmasked), against layer.py read
+    independently: FuseCrossAttention's biased query/key/value over every target position, dropout
+    on its weights; fn_matmul's s @ t^T @ t over every position."""
+    from flare_exp.flare.fusion import CrossAttentionFusion, Fusion, attention_dropout
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    fusion = CrossAttentionFusion(8, heads=2, official=True, dropout=0.0).eval()
+    assert fusion.q.bias is not None and not torch.equal(fusion.q.weight, torch.eye(8))  # torch's default init
+
+    def heads(x):
+        return x.view(2, 5, 2, 4).permute(0, 2, 1, 3)
+
+    q, k, v = heads(fusion.q(s)), heads(fusion.k(t)), heads(fusion.v(t))
+    probs = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
+    expected = (probs @ v).permute(0, 2, 1, 3).reshape(2, 5, 8)
+    torch.testing.assert_close(fusion(s, t, mask, causal=True), expected)  # no padding, no causal mask
+    ours = CrossAttentionFusion(8, heads=2)
+    assert ours.q.bias is None and torch.equal(ours.q.weight, torch.eye(8))
+    dropped = CrossAttentionFusion(8, heads=2, official=True, dropout=0.5)
+    dropped.load_state_dict(fusion.state_dict())
+    assert not torch.allclose(dropped.train()(s, t), expected)
+    torch.testing.assert_close(dropped.eval()(s, t), expected)
+    torch.testing.assert_close(Fusion("matmul", unmasked=True)(s, t, mask, causal=True), s @ t.transpose(1, 2) @ t)
+    assert not torch.allclose(Fusion("matmul")(s, t, mask, causal=True), s @ t.transpose(1, 2) @ t)
+    # the dropout is the model's attention dropout (run.py)
+    base = tiny_model("xlmr")
+    base.config.attention_probs_dropout_prob = 0.1  # XLM-R's published value (the tiny model has none)
+    flare = get_flare_model(base, flare_config("xlmr", fusion="cross_attention", official_fusion_layer=True))
+    layers = [m for m in flare.peft_model.modules() if isinstance(m, CrossAttentionFusion)]
+    assert layers and all(m.dropout.p == attention_dropout(base.config) == 0.1 for m in layers)

@@ -695,12 +695,16 @@ def test_official_checkpointed_fusion_is_dropped_in_a_4bit_decoders_flare_only(t
     dropped = ["protocol.checkpointed_fusion=dropped"]
     nf4 = ["model.quantization=nf4", "model.dtype=bfloat16"]
     flare = Setup(demo_cfg("tiny-llama", "flare", tmp_path, [*nf4, *dropped]))
-    assert not flare.keeps_checkpointed_fusion
+    assert not flare.flare_options["checkpointed_fusion"]
     model = flare.model()
     assert not model.slot.checkpointed_fusion and not model.flare_config.checkpointed_fusion
-    assert Setup(demo_cfg("tiny-llama", "flare", tmp_path, nf4)).keeps_checkpointed_fusion  # sound
-    assert Setup(demo_cfg("tiny-llama", "flare", tmp_path, dropped)).keeps_checkpointed_fusion  # not 4-bit
-    assert Setup(demo_cfg("tiny-llama", "lora", tmp_path, [*nf4, *dropped])).keeps_checkpointed_fusion  # no fusion
+    assert Setup(demo_cfg("tiny-llama", "flare", tmp_path, nf4)).flare_options["checkpointed_fusion"]  # sound
+    assert Setup(demo_cfg("tiny-llama", "flare", tmp_path, dropped)).flare_options["checkpointed_fusion"]  # not 4-bit
+    assert Setup(demo_cfg("tiny-llama", "lora", tmp_path, [*nf4, *dropped])).flare_options["checkpointed_fusion"]
+    official = Setup(demo_cfg("tiny-bert", "flare", tmp_path, ["method.fusion=cross_attention",
+                                                               "protocol.fusion_layer=default_unmasked"]))
+    assert official.flare_options["official_fusion_layer"] and official.model().flare_config.official_fusion_layer
+    assert not Setup(demo_cfg("tiny-bert", "flare", tmp_path)).flare_options["official_fusion_layer"]
 
 
 SMALL_DEMO = ("data.max_train=32", "data.max_test=8", "data.max_validation=8", "train.epochs=1", "train.batch_size=16",

@@ -44,6 +44,10 @@ class FlareConfig:
         checkpointed_fusion: True: a layer under gradient checkpointing fuses as any other (spec
             D3); False: it runs its adapters as plain LoRA while training, fusing only at
             evaluation (the public code's, which passes no source into checkpointed layers).
+        official_fusion_layer: False: cross-attention without bias, starting as the identity,
+            masked (padding; causal models: later positions), no dropout, matmul masked alike
+            (the spec's); True: the public code's layer.py: query, key and value with bias and
+            torch's default init, no mask, the model's attention dropout; matmul unmasked.
     """
 
     r: int = 8
@@ -60,6 +64,7 @@ class FlareConfig:
     adapter_name: str = "flare"
     source_train_mode: bool = False
     checkpointed_fusion: bool = True
+    official_fusion_layer: bool = False
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:

@@ -34,15 +34,19 @@ def _matmul(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None, causal:
 
 
 class Fusion(nn.Module):
-    """phi(S, T) for the parameter-free fusions; ``name`` selects the function."""
+    """phi(S, T) for the parameter-free fusions; ``name`` selects the function; ``unmasked``: the
+    public code's matmul over every target position, padding and later positions included."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, unmasked: bool = False):
         super().__init__()
         if name not in FUSIONS:
             raise ValueError(f"Unknown fusion {name!r}; choose one of {FUSIONS}.")
         self.name = name
+        self.unmasked = unmasked
 
     def forward(self, s, t, mask=None, causal=False):
+        if self.unmasked:
+            mask, causal = None, False
         if self.name == "add":
             return s + t
         if self.name == "add_relu":
@@ -63,23 +67,30 @@ class CrossAttentionFusion(nn.Module):
     """softmax(Q(S) K(T)^T / sqrt(d_h)) V(T) with ``heads`` heads and own r x r projections.
 
     Q, K and V start as the identity so that the fusion begins as a well-scaled attention of
-    the source over the target; they are trained with the adapter.
+    the source over the target; they are trained with the adapter. ``official``: the public
+    code's (layer.py, FuseCrossAttention): projections with bias and torch's default init, every
+    target position attended (no padding or causal mask), ``dropout`` on the attention weights.
     """
 
     name = "cross_attention"
 
-    def __init__(self, r: int, heads: int = 1):
+    def __init__(self, r: int, heads: int = 1, official: bool = False, dropout: float = 0.0):
         super().__init__()
         if r % heads:
             raise ValueError(f"cross_attention needs r ({r}) divisible by heads ({heads}).")
         self.heads = heads
-        self.q = nn.Linear(r, r, bias=False)
-        self.k = nn.Linear(r, r, bias=False)
-        self.v = nn.Linear(r, r, bias=False)
-        for proj in (self.q, self.k, self.v):
-            nn.init.eye_(proj.weight)
+        self.official = official
+        self.q = nn.Linear(r, r, bias=official)
+        self.k = nn.Linear(r, r, bias=official)
+        self.v = nn.Linear(r, r, bias=official)
+        self.dropout = nn.Dropout(dropout if official else 0.0)
+        if not official:
+            for proj in (self.q, self.k, self.v):
+                nn.init.eye_(proj.weight)
 
     def forward(self, s, t, mask=None, causal=False):
+        if self.official:
+            mask, causal = None, False
         batch, length, r = t.shape
         d_h = r // self.heads
 
@@ -96,14 +107,25 @@ class CrossAttentionFusion(nn.Module):
             allowed = allowed & mask.bool()[:, None, None, :]
         # A row with nothing visible (a padding query in a causal model) attends to nothing.
         scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = torch.nan_to_num(torch.softmax(scores.float(), dim=-1)).to(v.dtype)
+        weights = self.dropout(torch.nan_to_num(torch.softmax(scores.float(), dim=-1)).to(v.dtype))
         return (weights @ v).transpose(1, 2).reshape(batch, length, r)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}"
 
 
-def make_fusion(name: str, r: int, heads: int = 1) -> nn.Module:
+def make_fusion(name: str, r: int, heads: int = 1, official: bool = False, dropout: float = 0.0) -> nn.Module:
+    """The fusion ``name`` (``official``: the public code's layers, ``dropout`` its cross-attention's)."""
     if name == "cross_attention":
-        return CrossAttentionFusion(r, heads)
-    return Fusion(name)
+        return CrossAttentionFusion(r, heads, official, dropout)
+    return Fusion(name, unmasked=official)
+
+
+def attention_dropout(config) -> float:
+    """The attention dropout the public code gives its cross-attention fusion (run.py): the
+    decoders' attention_dropout, mT5's dropout_rate, XLM-R's attention_probs_dropout_prob."""
+    for key in ("attention_dropout", "attention_probs_dropout_prob", "dropout_rate"):
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0

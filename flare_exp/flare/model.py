@@ -13,7 +13,7 @@ from torch import nn
 from .alignment import build_source_index, last_source_position, prompt_lengths
 from .calls import CallSlot, TwoPassModel
 from .config import FlareConfig, resolve_fuse_modules
-from .fusion import SEQUENCE_FUSIONS, make_fusion
+from .fusion import SEQUENCE_FUSIONS, attention_dropout, make_fusion
 from .layers import FlareLayerMixin, SourceCall, SourcePassDone, _linear4bit_class, custom_module_mapping
 
 STAGE1_ADAPTER = "stage1"
@@ -361,7 +361,8 @@ def get_flare_model(model: nn.Module, config: FlareConfig) -> FlareModel:
         module._flare_slot = slot
         if id(module.get_base_layer()) in fused_ids:
             lora_A = module.lora_A[config.adapter_name]
-            fusion = make_fusion(config.fusion, config.r, config.heads)
+            fusion = make_fusion(config.fusion, config.r, config.heads, config.official_fusion_layer,
+                                 attention_dropout(base.config))
             module.lora_fusion[config.adapter_name] = fusion.to(lora_A.weight.device, lora_A.weight.dtype)
             n_fused += 1
     if n_fused != len(fused_ids):
