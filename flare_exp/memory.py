@@ -68,14 +68,23 @@ def weights_gb(model_cfg: DictConfig) -> float:
     return params * (0.5 if model_cfg.quantization == "nf4" else BYTES.get(model_cfg.dtype, 4)) / 1e9
 
 
-def peak_gb(model_cfg: DictConfig, row: dict, batch: int, length: int, checkpointing: bool) -> float:
+def peak_gb(model_cfg: DictConfig, row: dict, batch: int, length: int, checkpointing: bool,
+            scale: float = 1.0) -> float:
     """The peak of a training step of ``batch`` x ``length`` from the throughput ``row`` (of the
-    same model, method and checkpointing)."""
+    same model, method and checkpointing); ``scale``: of what grows with the tokens
+    (``activation_scale``)."""
     weights = weights_gb(model_cfg)
     base_batch, base_length = int(row["batch"]), int(row["length"])
     rest = float(row["peak_gb"]) - weights - _scores_gb(model_cfg, base_batch, base_length, checkpointing)
-    return (weights + max(rest, 0.0) * batch * length / (base_batch * base_length)
-            + _scores_gb(model_cfg, batch, length, checkpointing))
+    return weights + scale * (max(rest, 0.0) * batch * length / (base_batch * base_length)
+                              + _scores_gb(model_cfg, batch, length, checkpointing))
+
+
+def _param_bytes(cfg: DictConfig) -> int:
+    """Bytes a parameter of a decoder's embeddings and LM head: the model's dtype, or under NF4
+    ``protocol.unquantised_dtype`` (the official code's fp32)."""
+    unquantised = cfg.protocol.unquantised_dtype if cfg.model.quantization == "nf4" else None
+    return BYTES.get(unquantised or cfg.model.dtype, 4)
 
 
 def trained_base_gb(cfg: DictConfig, settings: DictConfig) -> float:
@@ -88,17 +97,34 @@ def trained_base_gb(cfg: DictConfig, settings: DictConfig) -> float:
     vocab, width, tied = EMBEDDINGS[cfg.model.name]
     matrices = int(cfg.protocol.decoder_lm_head == "trained")
     matrices += int(cfg.protocol.llama_pad_token == "new_token" and family(cfg.model) == "llama" and not tied)
-    grad = BYTES.get(cfg.model.dtype, 4)
+    grad = _param_bytes(cfg)
     state = 2 if settings.get("optimizer") == "adamw_8bit" else 2 * grad
     return matrices * vocab * width * (grad + state) / 1e9
 
 
+def unquantised_gb(cfg: DictConfig) -> float:
+    """What a 4-bit decoder's embeddings and LM head add in ``protocol.unquantised_dtype`` over the
+    model's dtype (the measured rows' bf16)."""
+    if cfg.model.kind != "decoder" or cfg.model.name not in EMBEDDINGS:
+        return 0.0
+    vocab, width, tied = EMBEDDINGS[cfg.model.name]
+    return (1 if tied else 2) * vocab * width * (_param_bytes(cfg) - BYTES.get(cfg.model.dtype, 4)) / 1e9
+
+
+def activation_scale(cfg: DictConfig) -> float:
+    """How much larger a 4-bit decoder's activations are in ``protocol.unquantised_dtype`` (its
+    residual stream follows the norms' dtype) than in the model's dtype."""
+    if cfg.model.kind != "decoder" or cfg.model.quantization != "nf4":
+        return 1.0
+    return _param_bytes(cfg) / BYTES.get(cfg.model.dtype, 4)
+
+
 def fit(model_cfg: DictConfig, settings: DictConfig, length: int, rows: dict, gpu_gb: float,
-        group: str, extra_gb: float = 0.0) -> Fit | None:
+        group: str, extra_gb: float = 0.0, scale: float = 1.0) -> Fit | None:
     """The fit of a training job on ``model_cfg`` with ``settings`` (``cfg.train`` or
     ``cfg.stage1``, named ``group`` in the remedy's overrides) at ``length`` tokens; ``rows``:
     checkpointing (bool) -> the throughput row of the model and method; ``extra_gb``: added to
-    every peak (``trained_base_gb``). None where the model has no row or no published
+    every peak (``trained_base_gb``, ``unquantised_gb``); ``scale``: ``peak_gb``'s. None where the model has no row or no published
     architecture here."""
     if model_cfg.name not in ARCHITECTURES or not rows:
         return None
@@ -106,15 +132,15 @@ def fit(model_cfg: DictConfig, settings: DictConfig, length: int, rows: dict, gp
     checkpointing, batch, accum = bool(settings.gradient_checkpointing), int(settings.batch_size), int(settings.grad_accum)
     if checkpointing not in rows:
         return None
-    first = extra_gb + peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing)
+    first = extra_gb + peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing, scale)
     peak, remedy = first, {}
     if peak > limit and not checkpointing and True in rows:
         checkpointing, remedy = True, {f"{group}.gradient_checkpointing": True}
-        peak = extra_gb + peak_gb(model_cfg, rows[True], batch, length, True)
+        peak = extra_gb + peak_gb(model_cfg, rows[True], batch, length, True, scale)
     while peak > limit and batch > 1 and batch % 2 == 0:
         batch, accum = batch // 2, accum * 2
         remedy.update({f"{group}.batch_size": batch, f"{group}.grad_accum": accum})
-        peak = extra_gb + peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing)
+        peak = extra_gb + peak_gb(model_cfg, rows[checkpointing], batch, length, checkpointing, scale)
     return Fit(first, peak, remedy, peak <= limit)
 
 
@@ -136,7 +162,8 @@ def job_fits(cfg: DictConfig, table: dict | None = None) -> dict:
             continue
         rows = {gc: row for (model, name, gc), row in table.items() if model == cfg.model.name and name == cls.cost_row}
         length = input_length(cfg.protocol, cfg.task) * factor
-        found = fit(cfg.model, cfg[group], length, rows, gpu, group, trained_base_gb(cfg, cfg[group]))
+        found = fit(cfg.model, cfg[group], length, rows, gpu, group,
+                    trained_base_gb(cfg, cfg[group]) + unquantised_gb(cfg), activation_scale(cfg))
         if found is not None:
             fits[(stage, cfg.task.name, cfg.model.name, "lora" if stage == "stage1" else method.label, length)] = found
     return fits

@@ -135,6 +135,14 @@ def _tiny_folder(model_cfg: DictConfig, tokenizer, labels, cache_dir: Path) -> P
         model_cfg, len(tokenizer), labels, tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(staging))
 
 
+def cast_unquantised(model, dtype: torch.dtype) -> None:
+    """A 4-bit model's floating-point parameters that are not 4-bit weights (norms, embeddings,
+    LM head) in ``dtype``: peft.prepare_model_for_kbit_training's cast (to fp32 there)."""
+    for param in model.parameters():
+        if param.dtype.is_floating_point and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+
+
 def nf4_config(compute_dtype: torch.dtype, double_quant: bool = False):
     """The 4-bit NF4 quantization of a model (double quantization off by default, as the
     official code loads it; ``model.double_quant`` turns it on)."""
@@ -191,6 +199,8 @@ def load_base_model(model_cfg: DictConfig, tokenizer, labels, device: torch.devi
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if model_cfg.quantization != "nf4":
         model = model.to(device)
+    elif model_cfg.get("unquantised_dtype"):
+        cast_unquantised(model, getattr(torch, model_cfg.unquantised_dtype))
     if model_cfg.get("attn_implementation") and model.config._attn_implementation != model_cfg.attn_implementation:
         model.set_attn_implementation(model_cfg.attn_implementation)  # tiny models built from config
     disable_cpu_bf16_repack(model)

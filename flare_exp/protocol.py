@@ -34,7 +34,7 @@ BUILT = {"qa_decoder_stage1", "truncation_side", "max_new_tokens", "schedule", "
          "stage1_compute_dtype", "mt_dtype", "source_pass", "nusax_translate_test", "qa_translate_test_gold",
          "qa_test_set", "max_length", "qa_windows", "qa_encoder_score", "qa_answer_projection", "generation",
          "gemma_eos", "input_format", "decoder_lm_head", "llama_pad_token",
-         "checkpointed_fusion", "fusion_layer"}
+         "checkpointed_fusion", "fusion_layer", "unquantised_dtype"}
 BUILT_FOR = {"decoder_scoring": {"nusax", "xnli", "tydiqa"}}
 
 # An encoder's input of a task with more than one text field, as the official code writes it in

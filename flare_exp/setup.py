@@ -288,12 +288,16 @@ class Setup:
 
     # -- models --------------------------------------------------------------------------
     def base_model(self, stage1: bool = False):
-        """The base model (``stage1``: as stage 1 trains it, in ``protocol.stage1_compute_dtype``)."""
+        """The base model (``stage1``: as stage 1 trains it, in ``protocol.stage1_compute_dtype``; a
+        4-bit decoder's weights that are not quantised in ``protocol.unquantised_dtype``)."""
         labels = list(self.task.labels) if self.task.labels else None
-        model_cfg = self.model_cfg
+        model_cfg, overrides = self.model_cfg, {}
         if stage1 and self._stage1_compute_dtype:
-            model_cfg = OmegaConf.create({**OmegaConf.to_container(model_cfg, resolve=True),
-                                          "compute_dtype": self._stage1_compute_dtype})
+            overrides["compute_dtype"] = self._stage1_compute_dtype
+        if self.protocol.unquantised_dtype and applies("unquantised_dtype", self.task, self.model_cfg, self.method):
+            overrides["unquantised_dtype"] = self.protocol.unquantised_dtype
+        if overrides:
+            model_cfg = OmegaConf.create({**OmegaConf.to_container(model_cfg, resolve=True), **overrides})
         model = load_base_model(model_cfg, self.tokenizer, labels, self.device, self.cache_dir, self.seed)
         if self._new_pad_token and model.get_input_embeddings().num_embeddings < len(self.tokenizer):
             torch.manual_seed(self.seed)  # the new rows are drawn around the old ones' mean (transformers)

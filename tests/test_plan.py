@@ -114,3 +114,18 @@ def test_the_memory_estimate_reads_the_protocols_input_length(make_cfg):
     doubled = memory.job_fits(make_cfg(["model=xlmr-large", "task=tydiqa", "method=input_fusion", "lang=sw",
                                         "protocol.max_length=128"]))
     assert ("stage2", "tydiqa", "xlmr-large", "input_fusion", 256) in doubled
+
+
+def test_the_official_fp32_unquantised_weights_enter_the_memory_estimate(make_cfg):
+    from flare_exp import memory
+
+    common = ["model=llama3.1-8b", "task=nusax", "method=lora", "lang=jav"]
+    key = ("stage2", "nusax", "llama3.1-8b", "lora", 128)
+    sound, official = (memory.job_fits(make_cfg([*common, *extra]))[key].peak_gb
+                       for extra in ([], ["protocol.unquantised_dtype=float32"]))
+    cfg = make_cfg([*common, "protocol.unquantised_dtype=float32"])
+    assert memory.activation_scale(cfg) == 2 and memory.unquantised_gb(cfg) == pytest.approx(2 * 128256 * 4096 * 2 / 1e9)
+    row = memory.throughput_table()[("llama3.1-8b", "lora", False)]
+    weights = memory.weights_gb(cfg.model)
+    assert official == pytest.approx(memory.unquantised_gb(cfg) + weights + 2 * (float(row["peak_gb"]) - weights))
+    assert official > sound

@@ -707,6 +707,32 @@ def test_official_checkpointed_fusion_is_dropped_in_a_4bit_decoders_flare_only(t
     assert not Setup(demo_cfg("tiny-bert", "flare", tmp_path)).flare_options["official_fusion_layer"]
 
 
+def test_official_unquantised_weights_of_a_4bit_decoder_are_fp32_and_lora_still_learns(tmp_path):
+    from peft import get_peft_model
+
+    from flare_exp import adapters
+    from flare_exp.setup import Setup
+
+    nf4 = ["model.quantization=nf4", "model.dtype=bfloat16"]
+    official = Setup(demo_cfg("tiny-llama", "lora", tmp_path, [*nf4, "protocol.unquantised_dtype=float32"]))
+    sound = Setup(demo_cfg("tiny-llama", "lora", tmp_path, nf4))
+    for setup, dtype in ((official, torch.float32), (sound, torch.bfloat16)):
+        base = setup.base_model()
+        quantised = {n for n, p in base.named_parameters() if type(p).__name__ == "Params4bit"}
+        others = {n: p.dtype for n, p in base.named_parameters() if n not in quantised}
+        assert quantised and others and set(others.values()) == {dtype}, others  # norms, embeddings, LM head
+    # peft.prepare_model_for_kbit_training's cast leaves the 4-bit weights and a trainable LoRA
+    model = get_peft_model(official.base_model(), adapters.lora_config(official.model_cfg, official.cfg.stage1))
+    batch = official.batcher(official.examples("dmb", "train")[:4])
+    model.train()
+    model(**batch).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert Setup(demo_cfg("tiny-llama", "lora", tmp_path, ["protocol.unquantised_dtype=float32"])).base_model().dtype \
+        == torch.float32 and not protocol.applies("unquantised_dtype", official.task, make_cfg(["model=tiny-llama"]).model,
+                                                  official.method)  # not 4-bit: inert
+
+
 SMALL_DEMO = ("data.max_train=32", "data.max_test=8", "data.max_validation=8", "train.epochs=1", "train.batch_size=16",
               "train.lr=1e-2", "stage1.epochs=1", "stage1.batch_size=16", "stage1.lr=1e-2")
 
@@ -808,10 +834,16 @@ def test_an_official_setting_not_built_yet_is_refused_only_where_it_can_change_t
         check("model=xlmr-large", "task=xnli", "lang=sw", f"method={method}")
     for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare", "flare_mt"):  # XLM-R on TyDiQA: all built
         check("model=xlmr-large", "task=tydiqa", "lang=sw", f"method={method}")
-    with pytest.raises(ConfigError, match="protocol.unquantised_dtype=float32 .* not built yet"):
-        check("model=llama3.1-8b", "task=tydiqa", "lang=sw", "method=lora")
+    for model in ("llama3.1-8b", "gemma2-9b", "mt5-xl"):  # the decoders and mT5 on every task: all built
+        for task, lang in (("tydiqa", "sw"), ("xnli", "sw"), ("nusax", "jav")):
+            for method in ("zero_shot", "translate_test", "lora", "input_fusion", "flare", "flare_mt", "xmixup"):
+                check(f"model={model}", f"task={task}", f"lang={lang}", f"method={method}")
+    # the official scoring is the official tasks': the demo task's generated text has none
+    check("model=minilm", "task=demo", "lang=dmb", "mt=gold", "method=lora")  # an encoder: inert
+    with pytest.raises(ConfigError, match="protocol.decoder_scoring=official .* not built yet"):
+        check("model=tiny-llama", "task=demo", "lang=dmb", "mt=gold", "method=lora")
     with pytest.raises(ConfigError, match="not built yet"):  # without the method, nothing is taken as inert
-        check_settings(make_cfg(["protocol=official", "model=minilm", "task=nusax", "lang=jav", "method=lora"]))
+        check_settings(make_cfg(["protocol=official", "model=minilm", "task=demo", "lang=dmb", "mt=gold", "method=lora"]))
 
 
 @pytest.mark.parametrize("model,joiner", [("minilm", ""), ("tiny-llama", "\n")])
