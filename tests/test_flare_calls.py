@@ -310,6 +310,35 @@ def test_a_dora_stage1_on_full_precision_weights_is_merged_not_refused():
         torch.testing.assert_close(flare(**target, **source).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_dropped_checkpointed_fusion_runs_no_source_pass_in_training(monkeypatch):
+    """Where every fused layer runs checkpointed and drops its fusion, the source pass would be
+    discarded: a training forward does not run it (the same logits as with it), evaluation does."""
+    base = tiny_model("llama")
+    target, source = inputs("llama")
+    flare = get_flare_model(base, flare_config("llama", checkpointed_fusion=False))
+    randomize_lora(flare.peft_model, seed=3, scale=0.3)
+    flare.train()
+    enable_checkpointing(flare.hf_model, False)
+    with torch.no_grad():
+        expected = flare(**target, **source).logits
+    runs = []
+    original = type(flare).source_pass
+    monkeypatch.setattr(type(flare), "source_pass", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(flare(**target, **source).logits, expected, atol=0, rtol=0)
+        assert runs == []
+        flare.eval()
+        flare(**target, **source)
+        assert runs == [1]
+    kept = get_flare_model(tiny_model("llama"), flare_config("llama"))
+    kept.train()
+    enable_checkpointing(kept.hf_model, False)
+    monkeypatch.setattr(type(kept), "source_pass", lambda self, *a, **k: runs.append(2) or original(self, *a, **k))
+    with torch.no_grad():
+        kept(**target, **source)
+    assert runs == [1, 2]  # fusion kept under checkpointing: the source pass runs
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_dropped_checkpointed_fusion_trains_plain_lora_and_fuses_at_evaluation(reentrant):
     """checkpointed_fusion=False (protocol.checkpointed_fusion: dropped): under gradient

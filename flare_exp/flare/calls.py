@@ -46,6 +46,18 @@ class CallSlot:
             if func is not None and getattr(func, "call_slot", None) is not self:
                 module._gradient_checkpointing_func = self._wrap(func)
 
+    def reads_no_source(self, fused: list[nn.Module]) -> bool:
+        """True when ``checkpointed_fusion`` is off and every one of ``fused`` (the fused layers)
+        runs checkpointed in the coming forward: none of them reads a source, so the source pass
+        is not needed (its result would be discarded)."""
+        if self.checkpointed_fusion or not fused or self._checkpointed is None:
+            return False
+        covered = set()
+        for module in self._checkpointed:
+            if module.gradient_checkpointing and module.training and "_gradient_checkpointing_func" in module.__dict__:
+                covered.update(id(m) for m in module.modules())
+        return all(id(layer) in covered for layer in fused)
+
     def _wrap(self, checkpoint):
         def checkpoint_in_call(function, *args, **kwargs):
             call = self.active  # the call this layer runs in now, and recomputes in later

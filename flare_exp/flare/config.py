@@ -44,6 +44,8 @@ class FlareConfig:
         checkpointed_fusion: True: a layer under gradient checkpointing fuses as any other (spec
             D3); False: it runs its adapters as plain LoRA while training, fusing only at
             evaluation (the public code's, which passes no source into checkpointed layers).
+            Where every fused layer is checkpointed, a training forward skips the source pass,
+            whose result no layer would read (the public code runs it and discards it).
         official_fusion_layer: False: cross-attention without bias, starting as the identity,
             masked (padding; causal models: later positions), no dropout, matmul masked alike
             (the spec's); True: the public code's layer.py: query, key and value with bias and

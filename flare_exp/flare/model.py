@@ -83,6 +83,7 @@ class FlareModel(TwoPassModel):
         self.slot = slot
         self.causal = causal
         self.n_fused = n_fused
+        self._fused: list[nn.Module] | None = None  # the fused layers, found on first use
         self.is_encoder_decoder = bool(getattr(self.hf_model.config, "is_encoder_decoder", False))
         self.anchor = config.anchor or ("end" if causal else "start")
 
@@ -138,11 +139,16 @@ class FlareModel(TwoPassModel):
             reference = source_states if source_states is not None else source_input_ids
             source_attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         self.slot.bind_checkpointing(self.hf_model)
-        if source_states is None:
+        if source_states is None and not self.slot.reads_no_source(self._fused_layers()):
             call = self.source_pass(source_input_ids, source_attention_mask, source_token_type_ids)
         else:
             call = self._call()
         return call, source_attention_mask
+
+    def _fused_layers(self) -> list[nn.Module]:
+        if self._fused is None:
+            self._fused = [m for m in self.hf_model.modules() if isinstance(m, FlareLayerMixin) and m.is_fused]
+        return self._fused
 
     def _call(self) -> SourceCall:
         return SourceCall(self.causal, {self.flare_config.adapter_name}, self.n_fused)
