@@ -90,16 +90,29 @@ def _param_bytes(cfg: DictConfig) -> int:
 def trained_base_gb(cfg: DictConfig, settings: DictConfig) -> float:
     """What training the base model's own LM head and embeddings adds (``protocol.decoder_lm_head``,
     ``protocol.llama_pad_token``: the official code's): their gradients and optimizer states."""
+    grad = _param_bytes(cfg)
+    state = 2 if settings.get("optimizer") == "adamw_8bit" else 2 * grad
+    return _trained_base_parameters(cfg) * (grad + state) / 1e9
+
+
+def _trained_base_parameters(cfg: DictConfig) -> int:
+    """Parameters of the base model's own that train (a decoder's LM head, a Llama's resized
+    embeddings under the official protocol)."""
     from .protocol import family
 
     if cfg.model.kind != "decoder" or cfg.model.name not in EMBEDDINGS:
-        return 0.0
+        return 0
     vocab, width, tied = EMBEDDINGS[cfg.model.name]
     matrices = int(cfg.protocol.decoder_lm_head == "trained")
     matrices += int(cfg.protocol.llama_pad_token == "new_token" and family(cfg.model) == "llama" and not tied)
-    grad = _param_bytes(cfg)
-    state = 2 if settings.get("optimizer") == "adamw_8bit" else 2 * grad
-    return matrices * vocab * width * (grad + state) / 1e9
+    return matrices * vocab * width
+
+
+def checkpoint_gb(cfg: DictConfig) -> float:
+    """Disk a trained job's checkpoint takes for the base model's trained parameters (stage 1's
+    ``base_weights.safetensors``, stage 2's ``adapter.safetensors``), saved in the dtype they
+    train in; the LoRA weights beside them (megabytes) are left out."""
+    return _trained_base_parameters(cfg) * _param_bytes(cfg) / 1e9
 
 
 def unquantised_gb(cfg: DictConfig) -> float:

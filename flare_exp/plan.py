@@ -67,15 +67,16 @@ def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -
     ``"memory"`` each training job class's fit (``memory_fits``)."""
     table = memory.throughput_table(table_path)
     fits: dict = {}
-    stages = {name: {"jobs": {}, "done": 0, "hours": 0.0, "sources": set()}
+    stages = {name: {"jobs": {}, "done": 0, "hours": 0.0, "sources": set(), "disk_gb": 0.0}
               for name in ("translate", "stage1", "stage2")}
 
-    def add(stage: str, key, done: bool, hours: float, source: str) -> None:
+    def add(stage: str, key, done: bool, hours: float, source: str, disk_gb: float = 0.0) -> None:
         entry = stages[stage]
         if key in entry["jobs"]:
             return
         entry["jobs"][key] = done
         entry["done"] += done
+        entry["disk_gb"] += disk_gb
         if not done:
             entry["hours"] += hours
             entry["sources"].add(source)
@@ -93,15 +94,17 @@ def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -
         step, source = _step(table, cfg, LORA, cfg.stage1)
         steps = math.ceil(english / (cfg.stage1.batch_size * cfg.stage1.grad_accum)) * cfg.stage1.epochs
         add("stage1", stage1_dir(cfg), (stage1_dir(cfg) / STAGE1_RECORD).is_file(),
-            (STARTUP_S + steps * step) / 3600, source)
+            (STARTUP_S + steps * step) / 3600, source, memory.checkpoint_gb(cfg))
         step, source = _step(table, cfg, method, cfg.train)
         steps = math.ceil(english / (cfg.train.batch_size * cfg.train.grad_accum)) * cfg.train.epochs
         batches = math.ceil(_size(task, "test", lang) / cfg.train.batch_size) * method.length_factor
         evaluations = 10 * math.ceil(_size(task, "validation", lang) / cfg.train.batch_size) * method.trains
         hours = (STARTUP_S + (steps if method.trains else 0) * step + (batches + evaluations) * step / 3) / 3600
-        add("stage2", run_dir(cfg), (run_dir(cfg) / RESULTS).is_file(), hours, source)
+        add("stage2", run_dir(cfg), (run_dir(cfg) / RESULTS).is_file(), hours, source,
+            memory.checkpoint_gb(cfg) if method.trains and cfg.train.get("save_adapter", True) else 0.0)
     return {**{name: {"jobs": len(e["jobs"]), "done": e["done"], "hours": e["hours"],
-                      "sources": sorted(e["sources"])} for name, e in stages.items()}, "memory": fits}
+                      "sources": sorted(e["sources"]), "disk_gb": e["disk_gb"]} for name, e in stages.items()},
+            "memory": fits}
 
 
 def format_plan(experiment: str, stages: dict) -> str:
@@ -116,6 +119,13 @@ def format_plan(experiment: str, stages: dict) -> str:
     total = sum(s["hours"] for n, s in stages.items() if n != "memory")
     lines += ["", f"GPU-hours to run in all: {total:,.1f} (step times from {THROUGHPUT.name}: "
               "the measured rows on one H100, the others estimates)."]
+    disk = {n: s["disk_gb"] for n, s in stages.items() if n != "memory" and s.get("disk_gb")}
+    if disk:
+        lines += ["", f"Checkpoints on disk when all have run: {sum(disk.values()):,.0f} GB ("
+                  + ", ".join(f"{n} {gb:,.0f} GB" for n, gb in disk.items())
+                  + "): the decoders' trained LM heads and embeddings, saved with each trained job in their "
+                  "training dtype (flare_exp/memory.py, checkpoint_gb; the LoRA adapters, megabytes, aside; "
+                  "train.save_adapter=false keeps no stage-2 adapter)."]
     fits = stages.get("memory") or {}
     if fits:
         lines += ["", "Peak GPU memory of each training job class (estimated from the throughput rows' peaks; "

@@ -129,3 +129,22 @@ def test_the_official_fp32_unquantised_weights_enter_the_memory_estimate(make_cf
     weights = memory.weights_gb(cfg.model)
     assert official == pytest.approx(memory.unquantised_gb(cfg) + weights + 2 * (float(row["peak_gb"]) - weights))
     assert official > sound
+
+
+def test_the_plan_sums_the_disk_the_trained_lm_heads_and_embeddings_take(tmp_path):
+    """Each trained job of a decoder under the official head and pad settings saves its LM head and
+    embeddings (bf16 here, 128256 x 4096 each); stage 2 saves them only with train.save_adapter."""
+    from flare_exp.methods import method_for
+
+    common = [f"output_dir={tmp_path}", "model=llama3.1-8b", "protocol.decoder_lm_head=trained",
+              "protocol.llama_pad_token=new_token"]
+    stages = plan("demo", common)
+    matrices = 2 * 128256 * 4096 * 2 / 1e9
+    trained = sum(method_for(cfg.method).trains for _, cfg in sweep_configs("demo", common, fit=False))
+    assert trained >= 1
+    assert stages["stage1"]["disk_gb"] == pytest.approx(stages["stage1"]["jobs"] * matrices)
+    assert stages["stage2"]["disk_gb"] == pytest.approx(trained * matrices)
+    assert f"stage2 {trained * matrices:,.0f} GB" in format_plan("demo", stages)
+    unsaved = plan("demo", [*common, "train.save_adapter=false"])
+    assert unsaved["stage2"]["disk_gb"] == 0 and unsaved["stage1"]["disk_gb"] == stages["stage1"]["disk_gb"]
+    assert plan("demo", [f"output_dir={tmp_path}"])["stage2"]["disk_gb"] == 0  # an encoder saves its adapters only
