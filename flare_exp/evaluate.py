@@ -51,6 +51,18 @@ def predict(model, batcher, examples: list[dict], english: list[dict] | None, ev
     return rows
 
 
+def decoding(model, generation: str) -> dict:
+    """How ``predict`` decodes a generating model under ``generation`` (for results.json): greedy,
+    or what the model's generation config sets (``model_config``), sampling included."""
+    if generation == "greedy":
+        return {"generation": generation, "do_sample": False, "num_beams": 1}
+    config = getattr(getattr(model, "hf_model", model), "generation_config", None)
+    settings = {"do_sample": bool(getattr(config, "do_sample", False)), "num_beams": getattr(config, "num_beams", 1) or 1}
+    if settings["do_sample"]:
+        settings.update({k: getattr(config, k, None) for k in ("temperature", "top_p", "top_k")})
+    return {"generation": generation, **settings}
+
+
 def _predict_batch(model, batcher, chunk, source, device, max_new_tokens, generation) -> tuple[list, list]:
     """(raw outputs, predictions) of one batch: spans, classes, or parsed generations."""
     if batcher.kind == "encoder" and batcher.qa:

@@ -21,7 +21,7 @@ from .data.formats import SEPARATOR, fuse_in_template, with_english
 from .data.qa import OneWindowBatcher, SpanBatcher
 from .errors import ConfigError
 from .settings import check_settings
-from .evaluate import predict, score
+from .evaluate import decoding, predict, score
 from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
@@ -451,6 +451,11 @@ class Setup:
         for row, target in zip(rows, test):
             row["id"] = target["id"]
         extra = {}
+        if self.batcher.kind != "encoder":  # a generating model: how it decoded
+            extra["decoding"] = decoding(model, self.protocol.generation)
+            if extra["decoding"]["do_sample"]:
+                print(f"Note: {self.model_cfg.name}'s generation config samples ({extra['decoding']}), so the "
+                      "scores vary with the seed; protocol.generation=greedy decodes greedily.", flush=True)
         if self.batcher.qa and self.method.test_input == "english" and self.translator is not None and not self.english_gold:
             # Both are reported: the English answers as they are (the paper's translate-test),
             # and translated back into the target language (the headline metrics).

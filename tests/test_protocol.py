@@ -593,6 +593,14 @@ def test_official_generation_follows_the_models_generation_config(tmp_path, make
 
     assert outputs("model_config", 0) == outputs("model_config", 0) != outputs("model_config", 1)
     assert outputs("greedy", 0) == outputs("greedy", 1)
+    # the run records how it decoded: sampling where the config samples, with its settings
+    _, _, extra = setup.test(model, test[:2], None, tmp_path)
+    assert extra["decoding"] == {"generation": "model_config", "do_sample": True, "num_beams": 1,
+                                 "temperature": model.generation_config.temperature,
+                                 "top_p": model.generation_config.top_p, "top_k": 0}
+    model.generation_config.do_sample = False
+    assert setup.test(model, test[:2], None, tmp_path)[2]["decoding"] == {
+        "generation": "model_config", "do_sample": False, "num_beams": 1}
     seen = []
     setup._predict(_Recorder(seen), setup.batcher, test[:1], None, "recorded", None)  # the run's setting reaches it
     assert seen and "do_sample" not in seen[0]
