@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
 from .methods import method_class, method_for
-from .protocol import input_length
+from .protocol import checkpointing, input_length
 from .settings import check_settings
 
 THROUGHPUT = Path(__file__).resolve().parent.parent / "docs" / "throughput.csv"
@@ -163,6 +163,15 @@ def throughput_table(path: Path = THROUGHPUT) -> dict:
     return {(r["model"], r["method"], r["gradient_checkpointing"] == "True"): r for r in csv.DictReader(path.open())}
 
 
+def training_settings(cfg: DictConfig, group: str) -> DictConfig:
+    """``cfg.stage1`` or ``cfg.train`` with the gradient checkpointing the stage runs under
+    (``protocol.kbit_gradient_checkpointing`` switches it on for 4-bit weights, as ``Setup.settings``)."""
+    settings = cfg[group]
+    if checkpointing(cfg.protocol, cfg.model, settings) and not settings.gradient_checkpointing:
+        settings = OmegaConf.merge(settings, {"gradient_checkpointing": True})
+    return settings
+
+
 def job_fits(cfg: DictConfig, table: dict | None = None) -> dict:
     """{(stage, task, model, method label, tokens): Fit} of one job's training stages (stage 1 as
     LoRA) against ``cluster.gpu_memory_gb``; a stage without an estimate is left out."""
@@ -175,7 +184,7 @@ def job_fits(cfg: DictConfig, table: dict | None = None) -> dict:
             continue
         rows = {gc: row for (model, name, gc), row in table.items() if model == cfg.model.name and name == cls.cost_row}
         length = input_length(cfg.protocol, cfg.task) * factor
-        found = fit(cfg.model, cfg[group], length, rows, gpu, group,
+        found = fit(cfg.model, training_settings(cfg, group), length, rows, gpu, group,
                     trained_base_gb(cfg, cfg[group]) + unquantised_gb(cfg), activation_scale(cfg))
         if found is not None:
             fits[(stage, cfg.task.name, cfg.model.name, "lora" if stage == "stage1" else method.label, length)] = found

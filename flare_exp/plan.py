@@ -48,9 +48,11 @@ def _size(task: str, split: str, lang: str) -> int:
     return size.get(lang, 0) if isinstance(size, dict) else size
 
 
-def _step(table: dict, cfg: DictConfig, method, settings: DictConfig) -> tuple[float, str]:
+def _step(table: dict, cfg: DictConfig, method, group: str) -> tuple[float, str]:
     """(seconds per optimizer step, measured | estimate) of ``method`` (its throughput row,
-    ``Method.cost_row``; stage 1 is costed as LoRA) on ``cfg``'s model."""
+    ``Method.cost_row``; stage 1 is costed as LoRA) on ``cfg``'s model, with ``cfg[group]``'s
+    settings as the stage trains with them."""
+    settings = memory.training_settings(cfg, group)
     row = table.get((cfg.model.name, method.cost_row, bool(settings.gradient_checkpointing)))
     if row is None:
         return float("nan"), "no row"
@@ -91,11 +93,11 @@ def plan(experiment: str, overrides: list[str], table_path: Path = THROUGHPUT) -
                 size = _size(task, split, "en" if direction == "en-x" else lang)
                 add("translate", path, path.is_file(), size / TRANSLATE_PER_S / 3600, "estimate")
         english = _size(task, "train", "en")
-        step, source = _step(table, cfg, LORA, cfg.stage1)
+        step, source = _step(table, cfg, LORA, "stage1")
         steps = math.ceil(english / (cfg.stage1.batch_size * cfg.stage1.grad_accum)) * cfg.stage1.epochs
         add("stage1", stage1_dir(cfg), (stage1_dir(cfg) / STAGE1_RECORD).is_file(),
             (STARTUP_S + steps * step) / 3600, source, memory.checkpoint_gb(cfg))
-        step, source = _step(table, cfg, method, cfg.train)
+        step, source = _step(table, cfg, method, "train")
         steps = math.ceil(english / (cfg.train.batch_size * cfg.train.grad_accum)) * cfg.train.epochs
         batches = math.ceil(_size(task, "test", lang) / cfg.train.batch_size) * method.length_factor
         evaluations = 10 * math.ceil(_size(task, "validation", lang) / cfg.train.batch_size) * method.trains

@@ -69,6 +69,13 @@ def input_length(protocol: DictConfig, task: DictConfig) -> int:
     return int(protocol.max_length or task.max_length)
 
 
+def checkpointing(protocol: DictConfig, model: DictConfig, settings: DictConfig) -> bool:
+    """Whether a training stage runs under gradient checkpointing: its settings'
+    ``gradient_checkpointing``, or ``protocol.kbit_gradient_checkpointing`` on 4-bit weights."""
+    return bool(settings.gradient_checkpointing) or bool(
+        protocol.kbit_gradient_checkpointing and model.quantization == "nf4")
+
+
 def built(key: str, task: DictConfig | None = None) -> bool:
     return key in BUILT or (task is not None and task.name in BUILT_FOR.get(key, ()))
 

@@ -26,7 +26,7 @@ from .flare.mt import load_mt_encoder
 from .methods import method_for
 from .models import load_base_model, load_tokenizer, pick_device, save_once
 from .pairs import Examples, LazyTranslator, Pairs
-from .protocol import (OFFICIAL_QA_FUSED_PROMPTS, applies, family, input_length, official_scoring,
+from .protocol import (OFFICIAL_QA_FUSED_PROMPTS, applies, checkpointing, family, input_length, official_scoring,
                        official_segment, official_separator, quotes_test, quotes_train, translations)
 from .stage1 import ensure_stage1, load_stage1
 from .train import Checkpoint, Validation, train_model
@@ -132,8 +132,7 @@ class Setup:
         under ``protocol.kbit_gradient_checkpointing``, gradient checkpointing on a 4-bit model."""
         settings = OmegaConf.create({**OmegaConf.to_container(self.cfg[group], resolve=True),
                                      "schedule": self.protocol.schedule})  # resolved: interpolations read the root
-        if self.protocol.kbit_gradient_checkpointing and self.model_cfg.quantization == "nf4":
-            settings.gradient_checkpointing = True
+        settings.gradient_checkpointing = checkpointing(self.protocol, self.model_cfg, settings)
         return settings
 
     # -- what the run reads --------------------------------------------------------------

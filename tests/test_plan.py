@@ -148,3 +148,26 @@ def test_the_plan_sums_the_disk_the_trained_lm_heads_and_embeddings_take(tmp_pat
     unsaved = plan("demo", [*common, "train.save_adapter=false"])
     assert unsaved["stage2"]["disk_gb"] == 0 and unsaved["stage1"]["disk_gb"] == stages["stage1"]["disk_gb"]
     assert plan("demo", [f"output_dir={tmp_path}"])["stage2"]["disk_gb"] == 0  # an encoder saves its adapters only
+
+
+def test_a_4bit_decoder_the_protocol_checkpoints_is_estimated_checkpointed_without_a_remedy(make_cfg, tmp_path):
+    """protocol.kbit_gradient_checkpointing checkpoints a 4-bit decoder's training whatever
+    train.gradient_checkpointing says: its memory and step time are the checkpointed row's, and it
+    needs no checkpointing remedy (which would change the job's config for nothing)."""
+    from flare_exp import memory
+    from flare_exp.plan import _step
+
+    common = ["model=llama3.1-8b", "task=tydiqa", "method=flare", "lang=sw", "protocol.max_length=128"]
+    by_protocol = make_cfg([*common, "protocol.kbit_gradient_checkpointing=true"], tmp_path)
+    by_train = make_cfg([*common, "train.gradient_checkpointing=true", "stage1.gradient_checkpointing=true"], tmp_path)
+    fits, expected = memory.job_fits(by_protocol), memory.job_fits(by_train)
+    assert fits.keys() == expected.keys() and all(not f.remedy for f in fits.values())
+    assert all(fits[k].peak_gb == pytest.approx(expected[k].peak_gb) for k in fits)
+    assert memory.fitted(by_protocol).train.gradient_checkpointing is False  # no override written
+    table = memory.throughput_table()
+    from flare_exp.methods import method_for
+    assert _step(table, by_protocol, method_for(by_protocol.method), "train") == \
+        _step(table, by_train, method_for(by_train.method), "train")
+    unchecked = make_cfg(common, tmp_path)
+    assert _step(table, unchecked, method_for(unchecked.method), "train")[0] < \
+        _step(table, by_train, method_for(by_train.method), "train")[0]
