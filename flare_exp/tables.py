@@ -7,7 +7,8 @@ over languages, mean +- std over seeds, the best method of each model in bold, t
 number and our difference beside it), ``languages_<model>.md`` (methods x languages),
 ``diagnostics_<model>.md`` (invalid outputs per language and the stage-1 English score),
 ``significance.md`` (FLARE vs LoRA, paired bootstrap over test examples),
-``significance_input_fusion.md`` (input fusion vs FLARE, where both ran) and ``plots/*.png``.
+``significance_input_fusion.md`` (input fusion vs FLARE, where both ran) and ``plots/*.png``;
+beneath the table, the official-code bugs its numbers carry (``protocol=official``).
 Runs the experiment declares but that have not finished are listed, not trained.
 """
 
@@ -18,11 +19,32 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from . import protocol
 from .report.experiments import command, expected_runs, split_experiment
 from .report.plots import plot
 from .report.results import load_results
 from .report.significance import significance_table
 from .report.tables import diagnostics_table, language_table, paper_table, summary
+
+
+def bug_notes(results: list[Path]) -> str:
+    """Beneath a table: each official-code bug its numbers carry (``protocol.bugs``), with the
+    model and method rows it changes; empty where none does."""
+    rows: dict[str, tuple[str, set]] = {}
+    for path in results:
+        cfg = OmegaConf.create(json.loads(path.read_text()).get("config", {}))
+        if not all(k in cfg for k in ("protocol", "task", "model", "method")):  # a record without them
+            continue
+        for key, note in protocol.bugs(cfg).items():
+            rows.setdefault(key, (note, set()))[1].add(f"{cfg.model.name} {cfg.method.name}")
+    if not rows:
+        return ""
+    lines = ["", "These numbers carry the official code's bugs (protocol=official; docs/protocol.md):"]
+    for key, (note, where) in rows.items():
+        lines.append(f"* `protocol.{key}` ({', '.join(sorted(where))}): {note}")
+    return "\n".join(lines) + "\n"
 
 
 def build(experiment: str, overrides: list[str], out: Path, samples: int = 1000) -> dict:
@@ -47,7 +69,7 @@ def build(experiment: str, overrides: list[str], out: Path, samples: int = 1000)
                 for k in ("lang", "seed")}
     table = summary(frame, metric, declared["lang"], declared["seed"])
     table.to_csv(folder / "table.csv", index=False)
-    markdown = paper_table(table)
+    markdown = paper_table(table) + bug_notes(finished)
     (folder / "table.md").write_text(markdown)
     (folder / "table.tex").write_text(paper_table(table, latex=True))
     for model in dict.fromkeys(frame["model"]):

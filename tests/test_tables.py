@@ -256,3 +256,29 @@ def test_the_bootstrap_scores_each_example_as_the_runs_official_scoring_did(tmp_
     (f, mf), (l, ml) = write("fs", spans, config, encoder), write("ls", [{**r, "output": {**r["output"], "start": 0}} for r in spans], config, encoder)
     assert paired_bootstrap(f, l, "exact_match", samples=50)["difference"] == pytest.approx(100 * (mf["exact_match"] - ml["exact_match"]))
     assert mf["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_the_table_names_the_official_bugs_its_numbers_carry(tmp_path, make_cfg):
+    """Beneath a table of official runs, each official-code bug that changes some of them, with the
+    rows it changes; a sound run, or an official run no bug applies to, adds nothing."""
+    from omegaconf import OmegaConf
+
+    from flare_exp.tables import bug_notes
+
+    def results(name, overrides):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        cfg = make_cfg(overrides, tmp_path)
+        path.write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True)}))
+        return path
+
+    nusax = ["task=nusax", "lang=jav", "mt=gold", "model=xlmr-large"]
+    official_tt = results("tt", [*nusax, "method=translate_test", "protocol=official"])
+    official_lora = results("lora", [*nusax, "method=lora", "protocol=official"])
+    sound_tt = results("sound", [*nusax, "method=translate_test"])
+    qa = results("qa", ["task=tydiqa", "lang=sw", "mt=gold", "model=llama3.1-8b", "method=zero_shot", "protocol=official"])
+    assert bug_notes([official_lora, sound_tt]) == ""
+    notes = bug_notes([official_tt, official_lora, sound_tt, qa])
+    assert "`protocol.nusax_translate_test` (xlmr-large translate_test): tasks/nusax.py" in notes
+    assert "`protocol.qa_decoder_stage1` (llama3.1-8b zero_shot): models/base.py" in notes
+    assert notes.count("* `protocol.") == 2
