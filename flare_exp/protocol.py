@@ -212,14 +212,11 @@ def read(name: str) -> tuple[str, dict[str, Setting]]:
     return header or "", settings
 
 
-def bugs(cfg: DictConfig) -> dict[str, str]:
+def bugs(cfg: DictConfig, method) -> dict[str, str]:
     """{setting: what it does} for each official-code bug (a setting whose comment in
-    ``official.yaml`` starts "A bug:") that a run of ``cfg`` computes: its value is the official
-    one and it applies to the run's task, model and method."""
-    from .methods import method_for
-
+    ``official.yaml`` starts "A bug:") that a run of ``cfg`` by ``method`` computes: its value is
+    the official one and it applies to the run's task, model and method."""
     _, official = read("official")
-    method = method_for(cfg.method)
     return {key: setting.note.removeprefix("A bug:").strip() for key, setting in official.items()
             if setting.note.startswith("A bug:") and cfg.protocol.get(key) == setting.value
             and applies(key, cfg.task, cfg.model, method)}

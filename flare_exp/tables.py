@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import protocol
+from .methods import method_for
 from .report.experiments import command, expected_runs, split_experiment
 from .report.plots import plot
 from .report.results import load_results
@@ -37,8 +38,9 @@ def bug_notes(results: list[Path]) -> str:
         cfg = OmegaConf.create(json.loads(path.read_text()).get("config", {}))
         if not all(k in cfg for k in ("protocol", "task", "model", "method")):  # a record without them
             continue
-        for key, note in protocol.bugs(cfg).items():
-            rows.setdefault(key, (note, set()))[1].add(f"{cfg.model.name} {cfg.method.name}")
+        method = method_for(cfg["method"])
+        for key, note in protocol.bugs(cfg, method).items():
+            rows.setdefault(key, (note, set()))[1].add(f"{cfg.model.name} {method.label}")
     if not rows:
         return ""
     lines = ["", "These numbers carry the official code's bugs (protocol=official; docs/protocol.md):"]
