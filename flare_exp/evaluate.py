@@ -8,8 +8,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import (classification_metrics, forced_label, last_word_label, official_qa_metrics, official_same,
-                      parse_label, qa_metrics, token_index_metrics)
+from .metrics import (classification_metrics, last_word_label, official_label_metrics, official_qa_metrics,
+                      official_same, parse_label, qa_metrics, token_index_metrics)
 from .data.batching import example_length, length_grouped
 from .data.batching import to_device as _to
 
@@ -93,9 +93,9 @@ def _official(batcher, chunk, batch, generated, outputs) -> tuple[list, list]:
     """(outputs, predictions) as the official code reads a generation (``protocol.decoder_scoring:
     official``): the prompt and the output decoded together (a decoder's prompt; an encoder-decoder
     has none in its output), against the prompt and a label or the gold answer with EOS.
-    ``last_word`` (NusaX): the label is the last word; ``exact_match`` (XNLI): the label whose
-    text matches exactly (case and punctuation aside), else None; QA: the output with both texts,
-    for ``score``."""
+    ``last_word`` (NusaX): the label is the last word, the output with both texts (``score`` reads
+    the gold from the second); ``exact_match`` (XNLI): the label whose text matches exactly (case
+    and punctuation aside), else None; QA: the output with both texts, for ``score``."""
     tok = batcher.tokenizer
     if batcher.kind == "decoder":
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu())]
@@ -106,12 +106,12 @@ def _official(batcher, chunk, batch, generated, outputs) -> tuple[list, list]:
         return tok.decode(prompt + list(ids), skip_special_tokens=True)
 
     full = [text(p, g.tolist()) for p, g in zip(prompts, generated.cpu())]
-    if batcher.qa:
+    if batcher.qa or batcher.scoring == "last_word":
         rows = [{"text": o, "full": f, "gold_full": text(p, batcher.answer_ids(batcher.answer_text(ex)))}
                 for o, f, p, ex in zip(outputs, full, prompts, chunk)]
-        return rows, [o.strip() for o in outputs]
-    if batcher.scoring == "last_word":
-        return outputs, [last_word_label(f, batcher.labels) for f in full]
+        if batcher.qa:
+            return rows, [o.strip() for o in outputs]
+        return rows, [last_word_label(f, batcher.labels) for f in full]
     predictions = []
     for f, p in zip(full, prompts):
         named = [l for l in batcher.labels if official_same(f, text(p, batcher.answer_ids(l)))]
@@ -127,9 +127,6 @@ def score(rows: list[dict], batcher) -> dict:
         return official_qa_metrics([r["output"] for r in rows])
     if batcher.qa:
         return qa_metrics([r["prediction"] for r in rows], [r["gold"] for r in rows])
-    gold, predicted = [r["gold"] for r in rows], [r["prediction"] for r in rows]
-    if scoring == "last_word":  # the official NusaX scoring: an output naming no label gets a wrong class
-        metrics = classification_metrics(gold, [p if p is not None else forced_label(g, batcher.labels)
-                                                for g, p in zip(gold, predicted)], batcher.labels)
-        return {**metrics, "invalid": sum(p is None for p in predicted)}
-    return classification_metrics(gold, predicted, batcher.labels)
+    if scoring == "last_word":  # the official NusaX scoring: the gold read as the output is read
+        return official_label_metrics(rows, batcher.labels)
+    return classification_metrics([r["gold"] for r in rows], [r["prediction"] for r in rows], batcher.labels)

@@ -51,6 +51,30 @@ def forced_label(gold: str, labels: list[str]) -> str:
     return labels[1] if gold == labels[0] else labels[0]
 
 
+def official_label_reading(rows: list[dict], labels: list[str]) -> tuple[list, list]:
+    """(gold, predicted) of prediction rows as the official NusaX scoring reads them: the gold is
+    ``last_word_label`` of the decoded prompt and gold answer (``output["gold_full"]``), None where a
+    prompt cut by its answer's length glued the answer to its last word ("Sentimentpositive"); a
+    prediction naming no label is given ``forced_label`` of that gold. A row whose output has no
+    decoded texts reads its own gold."""
+    gold = [last_word_label(r["output"]["gold_full"], labels) if isinstance(r["output"], dict) else r["gold"]
+            for r in rows]
+    predicted = [r["prediction"] if r["prediction"] is not None else forced_label(g, labels)
+                 for r, g in zip(rows, gold)]
+    return gold, predicted
+
+
+def official_label_metrics(rows: list[dict], labels: list[str]) -> dict:
+    """The official NusaX scoring (tasks/nusax.py, compute_metrics_generate) of ``rows``: accuracy
+    and macro-F1 of ``official_label_reading``, the F1 averaged over the classes present in the
+    gold or the predictions (scikit-learn's default), an unread gold (None) one of them; counts of
+    outputs naming no label (``invalid``) and of golds read as none (``unread_gold``)."""
+    gold, predicted = official_label_reading(rows, labels)
+    present = [l for l in labels if l in gold or l in predicted] + ([INVALID] if INVALID in gold else [])
+    return {"accuracy": accuracy(gold, predicted), "macro_f1": macro_f1(gold, predicted, present), "n": len(rows),
+            "invalid": sum(r["prediction"] is INVALID for r in rows), "unread_gold": gold.count(INVALID)}
+
+
 def official_qa_metrics(outputs: list[dict]) -> dict:
     """The official exact match of a generative model's QA answers (tasks/tydiqa.py,
     compute_metrics_generate): ``official_same`` of each output's decoded prompt and answer

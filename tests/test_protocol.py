@@ -483,6 +483,17 @@ def _official_decoded(tok, batch, generated, answers):
     return cut(tok.batch_decode(preds, skip_special_tokens=True)), cut(tok.batch_decode(labels, skip_special_tokens=True))
 
 
+def _official_nusax_classes(tok, batch, generated, golds):
+    """(gold, predicted, decoded labels) as tasks/nusax.py's compute_metrics_generate reads them:
+    the verbalizer of each decoded text's last word (-1 for none), a prediction of -1 made 1 where
+    the gold is 0, else 0."""
+    preds, labels = _official_decoded(tok, batch, generated, golds)
+    verbalizer = {"negative": 0, "neutral": 1, "positive": 2}
+    expected = [verbalizer.get(p.split()[-1], -1) for p in preds]
+    gold = [verbalizer.get(l.split()[-1], -1) for l in labels]
+    return gold, [p if p != -1 else (1 if g == 0 else 0) for p, g in zip(expected, gold)], labels
+
+
 def _decoder_tokenizer():
     tok = _tokenizer()
     tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token  # a decoder's BOS and EOS
@@ -512,12 +523,8 @@ def test_official_nusax_decoder_scoring_reads_the_last_word_and_forces_a_wrong_c
     examples = [{"id": str(i), "text": f"film number {i} was seen", "label": g} for i, g in enumerate(golds)]
     continuations = ["positive", "negative", "i think negative", "positive.", "", "neutral"]
     rows, metrics, batch, generated, _ = _scored(tok, task, examples, continuations)
-    preds, labels = _official_decoded(tok, batch, generated, golds)
-    verbalizer = {"negative": 0, "neutral": 1, "positive": 2}
-    expected = [verbalizer.get(p.split()[-1], -1) for p in preds]
-    gold = [verbalizer.get(l.split()[-1], -1) for l in labels]
-    expected = [p if p != -1 else (1 if g == 0 else 0) for p, g in zip(expected, gold)]
-    assert gold == [verbalizer[g] for g in golds] and expected == [2, 0, 0, 1, 0, 1]  # 4 and 5 forced wrong
+    gold, expected, labels = _official_nusax_classes(tok, batch, generated, golds)
+    assert gold == [{"negative": 0, "neutral": 1, "positive": 2}[g] for g in golds] and expected == [2, 0, 0, 1, 0, 1]  # 4 and 5 forced wrong
     assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, expected))
     assert metrics["macro_f1"] == pytest.approx(f1_score(gold, expected, average="macro"))
     assert metrics["invalid"] == 2 and [r["prediction"] for r in rows][3:5] == [None, None]
@@ -540,6 +547,52 @@ def test_official_nusax_decoder_scoring_reads_the_last_word_and_forces_a_wrong_c
     assert official_same("Label: Entailment://x\n", "label: entailment\n")
     assert not official_same("Label: entailment ://x", "Label: entailment")  # the space before stays
     assert not official_same("Label: entailment ://x\nmore", "Label: entailment\n")
+
+
+def _bpe_tokenizer():
+    """A byte-level BPE tokenizer trained here (as Llama's and SmolLM2's: a word and the next
+    token decode glued where that token has no leading space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["film number was seen and it was long\nSentiment: positive negative neutral"] * 5
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_official_nusax_decoder_scoring_reads_the_gold_of_a_cut_prompt_as_the_official_code(make_cfg):
+    """A test prompt over max_length less its answer loses its tail (the cue's ": "), so the
+    official code's decoded gold ends in one word, "Sentimen" and "positive" glued: no label. The item is wrong whatever the
+    model says, and macro-F1 averages over that fourth class too (scikit-learn over the classes
+    present)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    tok, task = _bpe_tokenizer(), make_cfg(["task=nusax"]).task
+    long = " ".join(["film number was seen and it was long"] * 6)
+    golds = ["positive", "negative", "neutral", "positive", "positive", "negative"]
+    texts = ["film was seen", "film was long", "it was seen", long, long, long]
+    examples = [{"id": str(i), "text": t, "label": g} for i, (t, g) in enumerate(zip(texts, golds))]
+    continuations = ["positive", "negative", "positive", ": positive", "", "negative"]
+    rows, metrics, batch, generated, _ = _scored(tok, task, examples, continuations)
+    gold, expected, labels = _official_nusax_classes(tok, batch, generated, golds)
+    last_line = labels[3].split("\n")[-1]  # the cue's tail cut: the answer glued to what is left of it
+    assert last_line.startswith("Sentimen") and last_line.endswith("positive") and " " not in last_line
+    # "negative" has more tokens here: its cut takes the whole cue, and the label is read again
+    assert gold == [2, 0, 1, -1, -1, 0] and labels[5].endswith("\nnegative")
+    assert expected == [2, 0, 2, 2, 0, 0]  # row 3 names "positive" and is wrong; row 4 is forced
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, expected)) == pytest.approx(0.5)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(gold, expected, average="macro"))
+    assert (metrics["unread_gold"], metrics["invalid"]) == (2, 1)
+    # the paired bootstrap reads the same gold
+    from flare_exp.metrics import official_label_reading
+
+    read, predicted = official_label_reading(rows, list(task.labels))
+    assert read == ["positive", "negative", "neutral", None, None, "negative"] and predicted[4] == "negative"
 
 
 def test_official_xnli_and_tydiqa_decoder_scoring_is_exact_match_of_the_decoded_texts(make_cfg):

@@ -181,6 +181,13 @@ def test_the_diagnostics_table_gives_invalid_shares_per_language_and_the_stage1_
     assert "| zero_shot | 50.00 | 50.00 |" in text
     assert "| lora | 15.00 | 50.00 |" in text
     assert "| flare | 0.00 | 50.00 |" in text
+    # the official NusaX scoring's golds read as no label get their own columns where any occur
+    result = json.loads(paths[0].read_text())
+    result["metrics"]["unread_gold"] = 2
+    paths[0].write_text(json.dumps(result))
+    text = diagnostics_table(load_results(paths), "minilm")
+    assert text.splitlines()[0] == "| method | dmb invalid % | dmb unread gold % | stage-1 English |"
+    assert "| lora | 15.00 | 10.00 | 50.00 |" in text and "| flare | 0.00 | – | 50.00 |" in text
 
 
 def test_the_language_average_covers_only_the_languages_every_method_finished(tmp_path):

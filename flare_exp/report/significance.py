@@ -11,14 +11,14 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ..methods import TITLES
-from ..metrics import forced_label, macro_f1_rows, normalize_answer, official_same, token_f1
+from ..metrics import macro_f1_rows, normalize_answer, official_label_reading, official_same, token_f1
 from ..protocol import official_scoring
 
 
 def _example_scores(path: Path, metric: str) -> tuple[list[str], np.ndarray, list]:
     """(ids, each example's score, the rows) of a run, scored as its results.json is: an official
-    QA output by its token indices or its decoded texts, a NusaX output naming no label under the
-    official scoring given its wrong class."""
+    QA output by its token indices or its decoded texts; under the official NusaX scoring the gold
+    read from the decoded texts and an output naming no label given its wrong class."""
     rows = [json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines()]
     ids = [r["id"] for r in rows]
     if metric == "exact_match":
@@ -28,8 +28,8 @@ def _example_scores(path: Path, metric: str) -> tuple[list[str], np.ndarray, lis
     config = OmegaConf.create(json.loads((path / "results.json").read_text())["config"])
     if config.get("protocol") is not None and official_scoring(config.protocol, config.task, config.model) == "last_word":
         labels = list(config.task.labels)
-        rows = [{**r, "prediction": r["prediction"] if r["prediction"] is not None else forced_label(r["gold"], labels)}
-                for r in rows]
+        gold, predicted = official_label_reading(rows, labels)
+        rows = [{**r, "gold": g, "prediction": p} for r, g, p in zip(rows, gold, predicted)]
     return ids, np.array([float(r["prediction"] == r["gold"]) for r in rows]), rows
 
 
@@ -50,6 +50,7 @@ def _bootstrap(flare_dir: Path, lora_dir: Path, metric: str, draws: np.ndarray |
     draws = rng.integers(0, len(ids_f), size=(draws, len(ids_f)))
     if metric == "macro_f1":  # over the task's labels, as results.json scores it
         labels = list(json.loads((flare_dir / "results.json").read_text())["config"]["task"]["labels"])
+        labels += [None] if any(r["gold"] is None for r in rows_f) else []  # an unread official gold: a class
         gold = np.array([r["gold"] for r in rows_f], dtype=object)
         pf = np.array([r["prediction"] for r in rows_f], dtype=object)
         pl = np.array([r["prediction"] for r in rows_l], dtype=object)

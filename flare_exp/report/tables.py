@@ -92,14 +92,21 @@ def language_table(frame: pd.DataFrame, model: str, metric: str) -> str:
 def diagnostics_table(frame: pd.DataFrame, model: str) -> str:
     """Methods x languages of one model: the share of test outputs naming no label (a decoder's
     generations; %, mean over seeds) and the stage-1 model's English test score (%, mean over
-    seeds): the two first suspects when methods order differently on another model."""
+    seeds): the two first suspects when methods order differently on another model. Where the
+    official NusaX scoring read some gold as no label (a test prompt cut by its answer), the share
+    of those items too (%, always scored wrong)."""
     part = frame[frame["model"] == model]
-    invalid = part.pivot_table(index="method", columns="lang", values="invalid_share", aggfunc="mean")
-    invalid = invalid.reindex(method_order(invalid.index))
+    shares = {"invalid": part.pivot_table(index="method", columns="lang", values="invalid_share", aggfunc="mean")}
+    if "unread_gold" in part and part["unread_gold"].fillna(0).gt(0).any():
+        unread = part.assign(unread_share=100 * part["unread_gold"] / part["n"])
+        shares["unread gold"] = unread.pivot_table(index="method", columns="lang", values="unread_share", aggfunc="mean")
+    methods = method_order(shares["invalid"].index)
     english = part.groupby("method")["english_score"].mean().mul(100)
-    header = ["method", *[f"{lang} invalid %" for lang in invalid.columns], "stage-1 English"]
+    header = ["method", *[f"{lang} {name} %" for name, table in shares.items() for lang in table.columns],
+              "stage-1 English"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method, values in invalid.iterrows():
+    for method in methods:
+        values = [v for table in shares.values() for v in table.reindex(methods).loc[method]]
         score = english.get(method)
         lines.append("| " + " | ".join([method, *("–" if pd.isna(v) else f"{v:.2f}" for v in values),
                                         "–" if score is None or pd.isna(score) else f"{score:.2f}"]) + " |")
