@@ -190,9 +190,12 @@ def git_commit() -> str | None:
 
 def summary_line(result: dict) -> str:
     metrics = result["metrics"]
-    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k not in ("n", "invalid"))
+    counts = ("n", "invalid", "unread_gold")
+    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k not in counts)
+    unread = (f", unread gold={metrics['unread_gold']}: always wrong (docs/protocol.md, decoder_scoring)"
+              if metrics.get("unread_gold") else "")
     return (f"{result['task']} {result['model']} {result['method']} {result['lang']} seed{result['seed']}: "
-            f"{scores} (n={metrics['n']}, invalid={metrics['invalid']})")
+            f"{scores} (n={metrics['n']}, invalid={metrics['invalid']}{unread})")
 
 
 def finished_run(out: Path, identity: dict, force: bool, quiet: bool = False) -> dict | None:

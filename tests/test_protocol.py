@@ -593,6 +593,11 @@ def test_official_nusax_decoder_scoring_reads_the_gold_of_a_cut_prompt_as_the_of
 
     read, predicted = official_label_reading(rows, list(task.labels))
     assert read == ["positive", "negative", "neutral", None, None, "negative"] and predicted[4] == "negative"
+    # the run's summary line counts them beside the invalid outputs, not as a score
+    from flare_exp.record import summary_line
+
+    line = summary_line({"task": "nusax", "model": "m", "method": "lora", "lang": "jav", "seed": 1, "metrics": metrics})
+    assert "invalid=1, unread gold=2: always wrong" in line and "unread_gold" not in line
 
 
 def test_official_xnli_and_tydiqa_decoder_scoring_is_exact_match_of_the_decoded_texts(make_cfg):
