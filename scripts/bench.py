@@ -4,6 +4,7 @@
     python scripts/bench.py --model smollm2 --reps 5      # SmolLM2-135M from its PyPI package
     python scripts/bench.py --model minilm                # MiniLM, an encoder (no generation)
     python scripts/bench.py --model tiny --methods lora,flare-add_relu --out docs/bench
+    python scripts/bench.py --model tiny --methods flare-add_relu,flare-add_relu+dropped --gradient-checkpointing
     python scripts/bench.py --model llama3.1-8b --quantization nf4 --dtype bfloat16 --batch 32   # GPU
     python scripts/bench.py --model xlmr-large --autocast bfloat16 --batch 32                   # GPU
 
@@ -49,6 +50,10 @@ from flare_exp.translate import build_tiny_nllb  # noqa: E402
 # The variants every method of the registry declares: benchmark name -> (method, its settings).
 VARIANTS = {bench: (name, settings) for name, cls in METHODS.items() for bench, settings in cls.bench}
 ALL_METHODS = list(VARIANTS)
+# A FLARE variant with this suffix trains as protocol.checkpointed_fusion: dropped does (the
+# official code's bug): its checkpointed layers fuse nothing, and where all of them are
+# checkpointed (--gradient-checkpointing) the source pass is skipped.
+DROPPED = "+dropped"
 
 
 def scratch(prefix: str) -> Path:
@@ -131,7 +136,7 @@ def bench_setup(model: str, method: str, args, work: Path):
 
     from flare_exp.setup import Setup
 
-    name, settings = VARIANTS[method]
+    name, settings = VARIANTS[method.removesuffix(DROPPED)]
     GlobalHydra.instance().clear()
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -162,8 +167,9 @@ def build(method: str, args, device: torch.device, mt_encoder):
         setup.mt_encoder = mt_encoder
     base.config.use_cache = not args.gradient_checkpointing
     stage1 = get_peft_model(base, adapters.lora_config(cfg.model, cfg.stage1))
+    options = {**setup.flare_options, "checkpointed_fusion": not method.endswith(DROPPED)}
     model = adapters.build(setup.method, stage1, cfg.model, cfg.train, cfg.seed,
-                           adapters.stage2_head(cfg.model, cfg.task), mt_encoder)
+                           adapters.stage2_head(cfg.model, cfg.task), mt_encoder, options)
     return (model.to(device) if args.quantization != "nf4" else model), setup
 
 
@@ -335,8 +341,9 @@ def measure(args, methods: list[str], device):
             before = memory.start()
             train = timed(lambda: train_step(model, optimizers[method], batch, args.autocast), device)
             above = memory.peak() - before
-            if method.startswith("flare-"):  # the extra forward alone, as the training step runs it
-                model.train()
+            model.train()
+            source = None  # none where the step skips it (a "+dropped" variant under checkpointing)
+            if method.startswith("flare-") and model.needs_source_pass():  # the extra forward alone, as the step runs it
                 with autocast(device, args.autocast):
                     source = timed(lambda: model.source_pass(batch["source_input_ids"],
                                                              batch["source_attention_mask"]), device)
@@ -360,7 +367,7 @@ def measure(args, methods: list[str], device):
                     f["generate"].append(generation / args.batch)
                 if encoder is not None:
                     f["mt_encoder"].append(encoder)
-                if method.startswith("flare-"):
+                if source is not None:
                     f["source_pass"].append(source)
         print(f"repetition {rep + 1}/{args.warmup + args.reps} done", flush=True)
     return models, optimizers, setups, figures
@@ -481,9 +488,10 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     if "lora" not in methods:
         methods.insert(0, "lora")
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    unknown = sorted(m for m in methods if m not in ALL_METHODS
+                     and not (m.endswith(DROPPED) and m.startswith("flare-") and m.removesuffix(DROPPED) in ALL_METHODS))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+        parser.error(f"unknown methods {unknown}; choose from {ALL_METHODS} (a flare-* one with {DROPPED!r} too)")
     models, optimizers, setups, figures = measure(args, methods, device)
     result = summarize(args, methods, figures, models, optimizers, device)
     table = render(args, result)

@@ -20,7 +20,7 @@ def _bench(tmp_path: Path, *extra: str) -> dict:
                "--reps", "1", "--warmup", "0", "--gen-tokens", "2", "--out", str(tmp_path), *extra]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    stem = "bench-tiny" + ("-nf4" if "nf4" in extra else "")
+    stem = "bench-tiny" + ("-nf4" if "nf4" in extra else "") + ("-gc" if "--gradient-checkpointing" in extra else "")
     assert (tmp_path / f"{stem}.md").read_text().count("| flare-add |") == 1
     return json.loads((tmp_path / f"{stem}.json").read_text())
 
@@ -45,6 +45,25 @@ def test_bench_measures_every_method(tmp_path):
     assert result["pipeline"]["stage1_cached_s"] < result["pipeline"]["stage1_first_s"]
 
 
+def _mm_calls(table: str) -> int:
+    return next(int(line.split()[-1]) for line in table.splitlines() if line.strip().startswith("aten::mm "))
+
+
+@pytest.mark.slow
+def test_bench_measures_the_official_dropped_checkpointed_fusion_beside_flare(tmp_path):
+    """``flare-add+dropped`` trains as protocol.checkpointed_fusion: dropped: under gradient
+    checkpointing its step skips the source pass (fewer matrix products than FLARE's, and no
+    source-pass figure)."""
+    result = _bench(tmp_path, "--methods", "lora,flare-add,flare-add+dropped", "--quantization", "nf4",
+                    "--gradient-checkpointing", "--no-pipeline", "--profile")
+    rows = result["methods"]
+    assert list(rows) == ["lora", "flare-add", "flare-add+dropped"]
+    assert "source_pass_s" in rows["flare-add"] and "source_pass_s" not in rows["flare-add+dropped"]
+    profile = (tmp_path / "bench-tiny-nf4-gc-profile.txt").read_text()
+    flare, dropped = profile.split("== flare-add: one training step")[1].split("== flare-add+dropped: one training step")
+    assert _mm_calls(dropped) < _mm_calls(flare)
+
+
 @pytest.mark.slow
 def test_bench_runs_on_nf4_weights_and_profiles(tmp_path):
     result = _bench(tmp_path, "--methods", "lora,flare-add", "--quantization", "nf4", "--no-pipeline", "--profile")
@@ -54,12 +73,8 @@ def test_bench_runs_on_nf4_weights_and_profiles(tmp_path):
     profile = (tmp_path / "bench-tiny-nf4-profile.txt").read_text()
     assert "== lora: one training step" in profile and "== flare-add: one training step" in profile
     lora, flare = profile.split("== flare-add: one training step")
-
-    def mm_calls(table: str) -> int:
-        return next(int(line.split()[-1]) for line in table.splitlines() if line.strip().startswith("aten::mm "))
-
     # FLARE's source pass and its A x_s add matrix products that LoRA's step does not have.
-    assert mm_calls(flare) > mm_calls(lora)
+    assert _mm_calls(flare) > _mm_calls(lora)
 
 
 def test_check_targets_judges_each_limit():

@@ -139,11 +139,17 @@ class FlareModel(TwoPassModel):
             reference = source_states if source_states is not None else source_input_ids
             source_attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         self.slot.bind_checkpointing(self.hf_model)
-        if source_states is None and not self.slot.reads_no_source(self._fused_layers()):
+        if source_states is None and self.needs_source_pass():
             call = self.source_pass(source_input_ids, source_attention_mask, source_token_type_ids)
         else:
             call = self._call()
         return call, source_attention_mask
+
+    def needs_source_pass(self) -> bool:
+        """Whether the coming forward reads the English source: not where ``checkpointed_fusion``
+        is off and every fused layer runs checkpointed (training under gradient checkpointing)."""
+        self.slot.bind_checkpointing(self.hf_model)
+        return not self.slot.reads_no_source(self._fused_layers())
 
     def _fused_layers(self) -> list[nn.Module]:
         if self._fused is None:
