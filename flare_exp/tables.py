@@ -34,13 +34,23 @@ def bug_notes(results: list[Path]) -> str:
     """Beneath a table: each official-code bug its numbers carry (``protocol.bugs``), with the
     model and method rows it changes; empty where none does."""
     rows: dict[str, tuple[str, set]] = {}
+    unread, scored = 0, 0  # the official NusaX scoring's golds read as no label, and the items of their runs
     for path in results:
-        cfg = OmegaConf.create(json.loads(path.read_text()).get("config", {}))
+        result = json.loads(path.read_text())
+        cfg = OmegaConf.create(result.get("config", {}))
         if not all(k in cfg for k in ("protocol", "task", "model", "method")):  # a record without them
             continue
         method = method_for(cfg["method"])
         for key, note in protocol.bugs(cfg, method).items():
             rows.setdefault(key, (note, set()))[1].add(f"{cfg.model.name} {method.label}")
+        if result.get("metrics", {}).get("unread_gold"):
+            unread, scored = unread + result["metrics"]["unread_gold"], scored + result["metrics"]["n"]
+            note = ("a test prompt cut by its answer's length reads its gold as no label: the item is wrong "
+                    "whatever the output, and macro-F1 averages over that empty class too (at most 75)")
+            rows.setdefault("decoder_scoring", (note, set()))[1].add(f"{cfg.model.name} {method.label}")
+    if "decoder_scoring" in rows:
+        note, where = rows["decoder_scoring"]
+        rows["decoder_scoring"] = (f"{note}; {unread} of the {scored} test items of these runs", where)
     if not rows:
         return ""
     lines = ["", "These numbers carry the official code's bugs (protocol=official; docs/protocol.md):"]

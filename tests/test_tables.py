@@ -289,3 +289,11 @@ def test_the_table_names_the_official_bugs_its_numbers_carry(tmp_path, make_cfg)
     assert "`protocol.nusax_translate_test` (xlmr-large translate_test): tasks/nusax.py" in notes
     assert "`protocol.qa_decoder_stage1` (llama3.1-8b zero_shot): models/base.py" in notes
     assert notes.count("* `protocol.") == 2
+    # an official NusaX decoder run whose scoring read some golds as no label: counted beneath it
+    llama = results("llama", ["task=nusax", "lang=jav", "mt=gold", "model=llama3.1-8b", "method=lora",
+                              "protocol=official"])
+    record = json.loads(llama.read_text())
+    llama.write_text(json.dumps({**record, "metrics": {"accuracy": 0.5, "n": 400, "invalid": 30, "unread_gold": 34}}))
+    notes = bug_notes([official_lora, llama])
+    assert "`protocol.decoder_scoring` (llama3.1-8b lora): a test prompt cut" in notes
+    assert notes.endswith("(at most 75); 34 of the 400 test items of these runs\n")
