@@ -34,7 +34,7 @@ def bug_notes(results: list[Path]) -> str:
     """Beneath a table: each official-code bug its numbers carry (``protocol.bugs``), with the
     model and method rows it changes; empty where none does."""
     rows: dict[str, tuple[str, set]] = {}
-    unread, scored = 0, 0  # the official NusaX scoring's golds read as no label, and the items of their runs
+    unread, scored, cut = 0, 0, set()  # the official NusaX golds read as no label, their runs' items and rows
     for path in results:
         result = json.loads(path.read_text())
         cfg = OmegaConf.create(result.get("config", {}))
@@ -45,12 +45,11 @@ def bug_notes(results: list[Path]) -> str:
             rows.setdefault(key, (note, set()))[1].add(f"{cfg.model.name} {method.label}")
         if result.get("metrics", {}).get("unread_gold"):
             unread, scored = unread + result["metrics"]["unread_gold"], scored + result["metrics"]["n"]
-            note = ("a test prompt cut by its answer's length reads its gold as no label: the item is wrong "
-                    "whatever the output, and macro-F1 averages over that empty class too (at most 75)")
-            rows.setdefault("decoder_scoring", (note, set()))[1].add(f"{cfg.model.name} {method.label}")
-    if "decoder_scoring" in rows:
-        note, where = rows["decoder_scoring"]
-        rows["decoder_scoring"] = (f"{note}; {unread} of the {scored} test items of these runs", where)
+            cut.add(f"{cfg.model.name} {method.label}")
+    if cut:
+        rows["decoder_scoring"] = ("a test prompt cut by its answer's length reads its gold as no label: the item is "
+                                   "wrong whatever the output, and macro-F1 averages over that empty class too "
+                                   f"(at most 75); {unread} of the {scored} test items of these runs", cut)
     if not rows:
         return ""
     lines = ["", "These numbers carry the official code's bugs (protocol=official; docs/protocol.md):"]

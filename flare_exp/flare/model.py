@@ -138,8 +138,8 @@ class FlareModel(TwoPassModel):
         if source_attention_mask is None:
             reference = source_states if source_states is not None else source_input_ids
             source_attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        self.slot.bind_checkpointing(self.hf_model)
-        if source_states is None and self.needs_source_pass():
+        needed = self.needs_source_pass()  # binds the checkpointed layers to this call's slot too
+        if source_states is None and needed:
             call = self.source_pass(source_input_ids, source_attention_mask, source_token_type_ids)
         else:
             call = self._call()
